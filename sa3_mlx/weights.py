@@ -1,0 +1,173 @@
+"""Reading the official weight files and loading them strictly into modules.
+
+The official MLX port loads with ``strict=False``: a missing key silently keeps its
+random initialisation and a mis-shaped one is never noticed. Here every key of a
+module must be present in the file with the right shape, every key of the file must
+be used (or be one the model explicitly ignores), and the error names the file,
+the key and what was expected.
+
+Arrays are read lazily from the ``.npz`` (a zip of ``.npy`` members) and cast one at
+a time, so loading never holds two full copies of a model.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+
+class WeightError(ValueError):
+    """A weight file that is missing, unreadable or does not match the model."""
+
+
+class NpzWeights(Mapping):
+    """A read-only, lazy ``key -> np.ndarray`` view of an ``.npz`` weight file.
+
+    ``shape(key)`` reads only the ``.npy`` header, so a model's config can be
+    inferred from a multi-gigabyte file without reading its tensors.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        if not self.path.is_file():
+            raise WeightError(f"weight file not found: {self.path}")
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+            members = self._zip.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise WeightError(
+                f"{self.path}: not a readable .npz file ({e}); delete it and download it again"
+            ) from None
+        self._members = {m[:-4]: m for m in members if m.endswith(".npy")}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        member = self._members[key]
+        try:
+            with self._zip.open(member) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise WeightError(
+                f"{self.path}: tensor '{key}' is corrupt ({e}); delete the file and download it again"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self._shapes:
+            try:
+                with self._zip.open(self._members[key]) as f:
+                    version = np.lib.format.read_magic(f)
+                    shape, _, _ = np.lib.format._read_array_header(f, version)
+            except KeyError:
+                raise
+            except Exception as e:  # any header damage reads as corruption
+                raise WeightError(f"{self.path}: tensor '{key}' is corrupt ({e})") from None
+            self._shapes[key] = tuple(shape)
+        return self._shapes[key]
+
+    def json(self, key: str) -> dict:
+        """A JSON object stored as a uint8 byte array (the T5Gemma ``META`` blob)."""
+        try:
+            return json.loads(self[key].tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightError(f"{self.path}: '{key}' is not valid JSON ({e})") from None
+
+    def close(self) -> None:
+        self._zip.close()
+
+
+class WeightDict(dict):
+    """An in-memory ``key -> array`` mapping with the same ``shape``/``name`` surface as NpzWeights."""
+
+    def __init__(self, arrays: Mapping, name: str = "<memory>"):
+        super().__init__(arrays)
+        self.name = name
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self[key].shape)
+
+
+def shape_of(weights: Mapping, key: str) -> tuple[int, ...]:
+    """Shape of one tensor without reading it where the mapping allows."""
+    if hasattr(weights, "shape"):
+        return weights.shape(key)
+    return tuple(weights[key].shape)
+
+
+def require(weights: Mapping, key: str, file: str) -> tuple[int, ...]:
+    """Shape of a tensor the config inference needs; a clear error if it is absent."""
+    if key not in weights:
+        raise WeightError(f"{file}: missing key '{key}' (needed to infer the model's size)")
+    return shape_of(weights, key)
+
+
+def count_indexed(weights: Iterable[str], prefix: str) -> int:
+    """Number of consecutive ``prefix{i}.`` groups (e.g. transformer layers)."""
+    keys = set(weights)
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in keys):
+        n += 1
+    return n
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def load_strict(
+    module: nn.Module,
+    weights: Mapping,
+    file: str,
+    dtype: mx.Dtype = mx.float32,
+    keep_dtype: Iterable[str] = (),
+) -> None:
+    """Copy ``weights`` into ``module``: every parameter present, every key used, shapes equal.
+
+    ``weights`` maps module parameter names to arrays (numpy or mlx), already
+    sanitized to the module's naming. Floating tensors are cast to ``dtype`` one at
+    a time and evaluated at once, so the source array can be released before the
+    next one is read. Keys in ``keep_dtype`` keep their own dtype (e.g. fp32 tables).
+    """
+    expected = {k: v.shape for k, v in tree_flatten(module.parameters())}
+    provided = list(weights.keys())
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in provided if k not in expected]
+    problems = []
+    for k in missing[:5]:
+        problems.append(f"missing key '{k}' (expected shape {_fmt(expected[k])})")
+    for k in unexpected[:5]:
+        problems.append(f"unexpected key '{k}' (shape {_fmt(shape_of(weights, k))})")
+    for k in provided:
+        if k in expected:
+            found = shape_of(weights, k)
+            if tuple(found) != tuple(expected[k]):
+                problems.append(f"key '{k}' has shape {_fmt(found)}, expected {_fmt(expected[k])}")
+    if problems:
+        more = len(missing) + len(unexpected) - min(len(missing), 5) - min(len(unexpected), 5)
+        tail = f" (and {more} more)" if more > 0 else ""
+        raise WeightError(f"{file}: " + "; ".join(problems[:6]) + tail)
+
+    keep = set(keep_dtype)
+    loaded = []
+    for k in provided:
+        arr = weights[k]
+        a = mx.array(arr) if not isinstance(arr, mx.array) else arr
+        if k not in keep and mx.issubdtype(a.dtype, mx.floating):
+            a = a.astype(dtype)
+        mx.eval(a)
+        loaded.append((k, a))
+        del arr, a
+    module.update(tree_unflatten(loaded))
