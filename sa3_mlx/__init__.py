@@ -1,3 +1,40 @@
-"""sa3-mlx: Stable Audio 3 inference in pure MLX."""
+"""sa3-mlx: Stable Audio 3 inference in pure MLX.
+
+    from sa3_mlx import load, generate
+    pipe = load("sm-music")                       # downloads the weights on first use
+    result = generate(pipe, "lofi house loop 120 BPM", seconds=10, seed=1)
+    result.audio        # numpy [batch, 2, samples] float32 at result.sample_rate (44100)
+
+The models stay loaded in ``pipe``: call ``generate`` as often as you like.
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from pathlib import Path
+
+from .backend import load_fast_blas
+
+# Before anything imports mlx: on Linux CPUs this makes MLX use OpenBLAS/MKL (~30x faster matmul).
+load_fast_blas()
+
+
+def load(model: str = "sm-music", codec: str | None = None, weights_dir: str | Path | None = None, dit_dtype=None):
+    """A :class:`~sa3_mlx.pipeline.Pipeline` for ``model`` ("sm-music", "sm-sfx" or "medium").
+
+    Weight files come from ``weights_dir`` (flat, or with an ``MLX/`` folder) or
+    from the Hugging Face cache, downloaded on first use. Models load lazily on
+    the first generation and stay resident.
+    """
+    from .pipeline import Pipeline
+
+    return Pipeline(model, codec, weights_dir=weights_dir, dit_dtype=dit_dtype)
+
+
+def generate(pipeline, prompt: str, **settings):
+    """Generate audio with a loaded pipeline; see :meth:`Pipeline.generate` for the settings."""
+    return pipeline.generate(prompt, **settings)
+
+
+__all__ = ["load", "generate", "__version__"]

@@ -1,0 +1,75 @@
+"""Choosing a fast BLAS for MLX on Linux CPUs, before MLX is imported.
+
+The ``mlx-cpu`` wheel bundles the reference BLAS: fp32 matmul at ~6 GFLOP/s on a
+2-core x86 machine, against ~200 with OpenBLAS. MLX resolves ``cblas_sgemm`` through
+the process's global symbol scope first, so loading an optimized BLAS with
+``RTLD_GLOBAL`` before ``mlx.core`` is imported makes MLX use it: no ``LD_PRELOAD``
+needed. ``sa3_mlx/__init__.py`` calls :func:`load_fast_blas` first thing.
+
+``SA3_BLAS=/path/to/libblas.so`` picks a library; ``SA3_BLAS=none`` keeps the bundled one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+from pathlib import Path
+
+# Debian/Ubuntu (libopenblas0-pthread), Fedora/RHEL (openblas), Arch; then MKL from PyPI.
+_CANDIDATES = [
+    "/usr/lib/{triplet}/openblas-pthread/libblas.so.3",
+    "/usr/lib/{triplet}/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+    "{prefix}/lib/libmkl_rt.so.3",
+    "{prefix}/lib/libmkl_rt.so.2",
+]
+
+_loaded: str | None = None
+_reason = "not attempted"
+
+
+def _triplet() -> str:
+    return {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(platform.machine(), "")
+
+
+def candidates() -> list[str]:
+    return [c.format(triplet=_triplet(), prefix=sys.prefix) for c in _CANDIDATES]
+
+
+def load_fast_blas() -> str | None:
+    """Load the first optimized BLAS found (Linux only); returns its path or None."""
+    global _loaded, _reason
+    if _loaded is not None or sys.platform != "linux":
+        _reason = _reason if sys.platform == "linux" else "not needed on this platform"
+        return _loaded
+    if "mlx.core" in sys.modules:
+        _reason = "mlx was imported before sa3_mlx; import sa3_mlx first to use a fast BLAS"
+        return None
+    choice = os.environ.get("SA3_BLAS", "").strip()
+    if choice.lower() == "none":
+        _reason = "disabled by SA3_BLAS=none"
+        return None
+    for path in [choice] if choice else candidates():
+        if path and Path(path).is_file():
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError as e:
+                _reason = f"{path} failed to load: {e}"
+                continue
+            _loaded = path
+            _reason = "loaded"
+            return path
+    _reason = (
+        f"SA3_BLAS={choice} not found" if choice else
+        "no optimized BLAS found (install libopenblas0-pthread, or run ./install.sh)"
+    )
+    return None
+
+
+def blas_status() -> tuple[str | None, str]:
+    """``(path of the BLAS in use or None, why)`` for `sa3 doctor` and the bench header."""
+    return _loaded, _reason

@@ -1,0 +1,143 @@
+"""``sa3 download``, ``sa3 doctor``, ``sa3 info`` and playback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__, hub
+from ..audio import read_metadata
+
+
+def download(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sa3 download", description="Fetch model weights into the Hugging Face cache.")
+    p.add_argument("model", nargs="?", default="all", choices=[*hub.MODELS, "all"],
+                   help="which bundle (default all): text encoder, DiT and its codec (encoder and decoder)")
+    args = p.parse_args(argv)
+    names = list(hub.MODELS) if args.model == "all" else [args.model]
+    files = []
+    for name in names:
+        for f in hub.files_for(name, encoder=True):
+            if f not in files:
+                files.append(f)
+    for f in files:
+        print(f"  {hub.REPO_FOLDER}/{f}", file=sys.stderr)
+        path = hub.hub_file(f, progress=sys.stderr.isatty())
+        print(path)
+    return 0
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 matmul rate of the default MLX device."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n))
+    b = mx.random.normal((n, n))
+    mx.eval(a @ b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def doctor(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sa3 doctor", description="Report platform, MLX backend, BLAS and weights.")
+    p.add_argument("--weights-dir", type=Path, help="also check this local weights folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+
+    import mlx.core as mx
+
+    from ..backend import blas_status
+
+    report: dict = {"sa3-mlx": __version__, "python": platform.python_version(),
+                    "platform": f"{platform.system()} {platform.machine()}", "mlx": mx.__version__}
+    device = mx.default_device()
+    report["device"] = str(device)
+    try:
+        report["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
+    except Exception:  # older MLX or a backend without the query
+        pass
+    blas, why = blas_status()
+    if device.type == mx.DeviceType.cpu:
+        report["blas"] = blas or f"bundled reference BLAS ({why})"
+    report["fp32_matmul_gflops"] = round(matmul_gflops(), 1)
+
+    weights = {}
+    for name in dict.fromkeys(f for m in hub.MODELS for f in hub.files_for(m, encoder=True)):
+        where = None
+        if args.weights_dir is not None:
+            try:
+                where = hub.local_file(args.weights_dir, name)
+            except hub.WeightsUnavailable:
+                pass
+        if where is None:
+            where = hub.cached_file(name)
+        weights[name] = {"path": str(where), "bytes": where.stat().st_size} if where else None
+    report["weights"] = weights
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    for key in ("sa3-mlx", "python", "platform", "mlx", "device", "blas"):
+        if key in report:
+            console.print(f"  [dim]{key:>10}[/dim]  {report[key]}")
+    if "device_info" in report:
+        info = ", ".join(f"{k}={v}" for k, v in report["device_info"].items())
+        console.print(f"  [dim]{'details':>10}[/dim]  {info}")
+    rate = report["fp32_matmul_gflops"]
+    slow = device.type == mx.DeviceType.cpu and rate < 50
+    console.print(f"  [dim]{'matmul':>10}[/dim]  {rate} GFLOP/s fp32" + ("  [yellow](slow: see README, 'Linux CPU')[/yellow]" if slow else ""))
+    table = Table(title="weights", title_justify="left", box=None, padding=(0, 2))
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    table.add_column("where", style="dim")
+    for name, info in weights.items():
+        if info:
+            table.add_row(name, f"{info['bytes'] / 1024**2:.0f} MB", info["path"])
+        else:
+            table.add_row(name, "[yellow]missing[/yellow]", "sa3 download")
+    console.print(table)
+    return 0
+
+
+def info(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sa3 info", description="Print the settings stored in a generated file.")
+    p.add_argument("file", type=Path)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    meta = read_metadata(args.file)
+    if meta is None:
+        print(f"{args.file}: no sa3-mlx settings in this file", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(meta, indent=2, ensure_ascii=False))
+    else:
+        width = max(map(len, meta))
+        for key, value in meta.items():
+            print(f"{key:>{width}}  {value}")
+    return 0
+
+
+def play(path: Path, display) -> None:
+    """Play a file with the first player found; a clear note when there is none."""
+    for player, args in (("afplay", []), ("paplay", []), ("aplay", ["-q"]), ("pw-play", []),
+                         ("ffplay", ["-nodisp", "-autoexit", "-loglevel", "quiet"]), ("play", ["-q"])):
+        exe = shutil.which(player)
+        if exe:
+            try:
+                subprocess.run([exe, *args, str(path)], check=False)
+            except KeyboardInterrupt:
+                pass
+            return
+    display.warn("--play: no audio player found (install one of afplay, paplay, aplay, pw-play, ffplay or sox)")

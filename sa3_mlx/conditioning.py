@@ -1,0 +1,115 @@
+"""From prompt embeddings and a duration to the DiT's conditioning inputs.
+
+Stable Audio 3 conditions the DiT on two things (upstream `cross_attention_cond_ids`
+= ["prompt", "seconds_total"], `global_cond_ids` = ["seconds_total"]):
+
+* cross-attention tokens: the T5Gemma prompt embeddings (pad positions replaced by
+  a learned padding embedding), followed by one "seconds_total" token;
+* a global vector: the same seconds embedding.
+
+The learned padding embedding and the seconds embedder are stored in each DiT file
+under ``cond.*``; they are loaded here, strictly, into :class:`Conditioner`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .weights import WeightError, load_strict
+
+COND_PREFIX = "cond."
+
+
+def expo_fourier_features(
+    t: mx.array, dim: int, min_freq: float = 0.5, max_freq: float = 10000.0
+) -> mx.array:
+    """Exponentially spaced Fourier features ``[cos, sin](2 pi t f)`` of a batch of scalars.
+
+    The argument is formed in the upstream PyTorch order ``(t * f) * 2 * pi``:
+    at frequencies up to 1e4 the fp32 rounding of that product is visible.
+    """
+    half = dim // 2
+    ramp = mx.linspace(0.0, 1.0, half, dtype=mx.float32)
+    log_min, log_max = math.log(min_freq), math.log(max_freq)
+    freqs = mx.exp(ramp * (log_max - log_min) + log_min)
+    args = t.astype(mx.float32).reshape(-1, 1) * freqs * 2 * math.pi
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+@dataclass(frozen=True)
+class ConditionerConfig:
+    cond_dim: int
+    seconds_features: int
+    # NumberConditioner range of the released models (upstream model_config: 0..384 s).
+    seconds_min: float = 0.0
+    seconds_max: float = 384.0
+
+    @classmethod
+    def from_weights(cls, weights: Mapping, file: str) -> "ConditionerConfig":
+        key = "seconds_total_weight"
+        if key not in weights:
+            raise WeightError(f"{file}: missing key '{COND_PREFIX}{key}'")
+        shape = weights.shape(key) if hasattr(weights, "shape") else weights[key].shape
+        cond_dim, features = (int(s) for s in shape)
+        return cls(cond_dim=cond_dim, seconds_features=features)
+
+
+class Conditioner(nn.Module):
+    """The ``cond.*`` tensors of a DiT file: padding embedding and seconds embedder."""
+
+    def __init__(self, config: ConditionerConfig):
+        super().__init__()
+        self.config = config
+        self.padding_embedding = mx.zeros((config.cond_dim,))
+        self.seconds_total_weight = mx.zeros((config.cond_dim, config.seconds_features))
+        self.seconds_total_bias = mx.zeros((config.cond_dim,))
+
+    def seconds_embedding(self, seconds: Sequence[float]) -> mx.array:
+        """``[B] seconds -> [B, 1, cond_dim]``: clamp to the trained range, normalise, embed."""
+        c = self.config
+        s = mx.clip(mx.array(list(seconds), dtype=mx.float32), c.seconds_min, c.seconds_max)
+        features = expo_fourier_features((s - c.seconds_min) / (c.seconds_max - c.seconds_min), c.seconds_features)
+        out = features @ self.seconds_total_weight.T + self.seconds_total_bias
+        return out[:, None, :]
+
+    def pad_prompt(self, embeds: mx.array, mask: mx.array, mode: str = "learned") -> mx.array:
+        """Replace padded positions (mask 0) by the learned embedding, or by zeros.
+
+        Upstream pads the positive prompt with the learned embedding and zeroes the
+        negative prompt's pad positions (its `negative_cross_attn_mask`).
+        """
+        keep = mask.astype(mx.bool_)[..., None]
+        if mode == "learned":
+            fill = self.padding_embedding.astype(embeds.dtype)
+        elif mode == "zeros":
+            fill = mx.zeros((embeds.shape[-1],), dtype=embeds.dtype)
+        else:
+            raise ValueError(f"unknown padding mode {mode!r} (expected 'learned' or 'zeros')")
+        return mx.where(keep, embeds, fill)
+
+    def build(
+        self, embeds: mx.array, mask: mx.array, seconds: Sequence[float], padding: str = "learned"
+    ) -> tuple[mx.array, mx.array]:
+        """``(cross_attn_cond [B, S+1, C], global_cond [B, C])`` for prompt embeddings and durations."""
+        seconds_token = self.seconds_embedding(seconds).astype(embeds.dtype)
+        cross = mx.concatenate([self.pad_prompt(embeds, mask, padding), seconds_token], axis=1)
+        return cross, seconds_token[:, 0, :]
+
+
+def load_conditioner(cond_weights: Mapping, file: str) -> Conditioner:
+    """Strictly load the ``cond.*`` tensors (keys given without the prefix), in float32."""
+    from .weights import WeightDict
+
+    weights = WeightDict(cond_weights, name=file)
+    conditioner = Conditioner(ConditionerConfig.from_weights(weights, file))
+    # Report keys with their full file name so errors point at the real key.
+    try:
+        load_strict(conditioner, weights, file, dtype=mx.float32)
+    except WeightError as e:
+        raise WeightError(str(e).replace("key '", f"key '{COND_PREFIX}")) from None
+    return conditioner

@@ -1,0 +1,400 @@
+"""One object holding the models: prompt -> conditioning -> sampling -> decoding.
+
+``Pipeline`` loads the text encoder, a DiT with its conditioner, and the codec
+halves it needs, then generates as many times as asked with the models resident.
+Every stage records its wall time and peak memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import codec, hub
+from .conditioning import Conditioner, load_conditioner
+from .models.dit import DiT, load_dit
+from .models.same import load_same
+from .models.t5gemma import load_t5gemma
+from .sampling import Guidance, apply_guidance, paste_back, pingpong_schedule, sample_pingpong, seeded_step_noise
+
+SAMPLE_RATE = codec.SAMPLE_RATE
+SAMPLES_PER_LATENT = codec.SAMPLES_PER_LATENT
+PROMPT_TOKENS = 256  # the official MLX/TensorRT runners' T5 length: 256 tokens + 1 seconds token
+MIN_NOISE_LEVEL = 0.01  # below this the schedule collapses and the model is undefined
+
+
+def latent_length(seconds: float, codec_name: str) -> int:
+    """Latents sampled for ``seconds`` of audio: ceil(seconds * 44100 / 4096), even for SAME-S.
+
+    SAME-S works on pairs of latents (its 32-token chunks), so its latent count is
+    rounded up to even, as the official MLX runner does; the audio is trimmed back
+    to the requested length after decoding.
+    """
+    n = max(1, math.ceil(seconds * SAMPLE_RATE / SAMPLES_PER_LATENT))
+    if codec_name == "same-s" and n % 2:
+        n += 1
+    return n
+
+
+def inpaint_keep_mask(ranges: Sequence[tuple[float, float]], seconds: float, n_latents: int) -> np.ndarray:
+    """``[n_latents]`` float mask, 1 = keep the init latent, 0 = regenerate.
+
+    Follows the PyTorch reference: regenerate samples ``[int(start*sr), int(end*sr))``
+    of each range and everything past ``seconds``, then take latent ``j`` from
+    sample ``4096 * j`` (nearest downsampling).
+    """
+    total = int(seconds * SAMPLE_RATE)
+    sample_of_latent = np.arange(n_latents) * SAMPLES_PER_LATENT
+    keep = sample_of_latent < total
+    for start, end in ranges:
+        lo, hi = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
+        keep &= ~((sample_of_latent >= lo) & (sample_of_latent < hi))
+    return keep.astype(np.float32)
+
+
+@dataclass
+class GenerationPlan:
+    mode: str  # text-to-audio, audio-to-audio, inpainting or continuation
+    latents: int
+    init_noise_level: float
+    inpaint: list[tuple[float, float]]  # ranges to regenerate, continuation tail included
+    warnings: list[str]
+
+
+@dataclass
+class StageStats:
+    name: str
+    seconds: float
+    peak_bytes: int
+
+
+@dataclass
+class GenerationResult:
+    audio: np.ndarray  # [batch, 2, samples] float32, not clipped
+    sample_rate: int
+    settings: dict
+    latents: np.ndarray  # [batch, 256, T] the sampled latents
+    stages: list[StageStats] = field(default_factory=list)
+
+
+def _peak_memory() -> int:
+    return int(mx.get_peak_memory())
+
+
+def _free() -> None:
+    gc.collect()
+    mx.clear_cache()
+
+
+class Pipeline:
+    """Stable Audio 3 text-to-audio, audio-to-audio and inpainting with resident models.
+
+    ``model`` is one of ``hub.MODELS`` (``sm-music``, ``sm-sfx``, ``medium``);
+    ``codec`` defaults to the one it was trained with. Files come from
+    ``weights_dir`` when given, otherwise from the Hugging Face cache (downloaded
+    on first use). ``dit_dtype`` defaults to float32 on the CPU (MLX's half-precision
+    matmul is slow there) and float16 on a GPU.
+    """
+
+    def __init__(
+        self,
+        model: str = "sm-music",
+        codec_name: str | None = None,
+        weights_dir: str | Path | None = None,
+        dit_dtype: mx.Dtype | None = None,
+        progress: bool = True,
+    ):
+        if model not in hub.MODELS:
+            raise ValueError(f"unknown model {model!r} (choose from {', '.join(hub.MODELS)})")
+        self.model_name = model
+        self.codec_name = codec_name or hub.MODELS[model].codec
+        self.weights_dir = weights_dir
+        self.progress = progress
+        on_gpu = mx.default_device().type == mx.DeviceType.gpu
+        self.dit_dtype = dit_dtype or (mx.float16 if on_gpu else mx.float32)
+        self._text = None  # (encoder, tokenizer)
+        self._dit: DiT | None = None
+        self._conditioner: Conditioner | None = None
+        self._decoder = None
+        self._encoder = None
+        self.stages: list[StageStats] = []
+
+    # ---- loading ---------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        return hub.resolve(name, self.weights_dir, progress=self.progress)
+
+    def fetch(self, encoder: bool = False) -> list[Path]:
+        """Make sure every file a run needs is local (downloads before any clock starts)."""
+        return [self._path(f) for f in hub.files_for(self.model_name, self.codec_name, encoder)]
+
+    @property
+    def text(self):
+        if self._text is None:
+            encoder, tokenizer, _ = load_t5gemma(self._path(hub.T5GEMMA_FILE), dtype=mx.float32)
+            self._text = (encoder, tokenizer)
+        return self._text
+
+    def _load_dit(self) -> None:
+        path = self._path(hub.MODELS[self.model_name].dit_file)
+        self._dit, _, cond_weights = load_dit(path, dtype=self.dit_dtype)
+        self._conditioner = load_conditioner(cond_weights, path.name)
+
+    @property
+    def dit(self) -> DiT:
+        if self._dit is None:
+            self._load_dit()
+        return self._dit
+
+    @property
+    def conditioner(self) -> Conditioner:
+        if self._conditioner is None:
+            self._load_dit()
+        return self._conditioner
+
+    @property
+    def decoder(self):
+        if self._decoder is None:
+            self._decoder = load_same(self._path(hub.codec_file(self.codec_name, "decoder")), role="decoder")
+        return self._decoder
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = load_same(self._path(hub.codec_file(self.codec_name, "encoder")), role="encoder")
+        return self._encoder
+
+    def free(self, *parts: str) -> None:
+        """Drop loaded models ("text", "dit", "decoder", "encoder"; none given = all)."""
+        for part in parts or ("text", "dit", "decoder", "encoder"):
+            if part == "dit":
+                self._dit = self._conditioner = None
+            else:
+                setattr(self, f"_{part}", None)
+        _free()
+
+    # ---- stages --------------------------------------------------------------
+    def _stage(self, name: str, start: float) -> None:
+        mx.synchronize()
+        self.stages.append(StageStats(name, time.perf_counter() - start, _peak_memory()))
+        mx.reset_peak_memory()
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
+        """T5Gemma embeddings ``[B, 256, C]`` and their mask ``[B, 256]`` (BOS-prefixed tokens)."""
+        encoder, tokenizer = self.text
+        ids, mask = tokenizer.encode(list(prompts), max_length=PROMPT_TOKENS)
+        ids, mask = mx.array(ids), mx.array(mask)
+        return encoder(ids, mask), mask
+
+    def conditioning(
+        self, prompt: str, negative_prompt: str | None, seconds: float, guidance: Guidance
+    ) -> tuple[mx.array, mx.array, mx.array | None]:
+        """``(cross_attn_cond [1,S+1,C], global_cond [1,C], uncond_cross_attn or None)``."""
+        prompts = [prompt] + ([negative_prompt] if guidance.enabled and negative_prompt is not None else [])
+        embeds, mask = self.encode_prompts(prompts)
+        cross, global_cond = self.conditioner.build(embeds[:1], mask[:1], [seconds])
+        uncond = None
+        if guidance.enabled:
+            if negative_prompt is not None:
+                # Upstream zeroes the negative prompt's pad positions (not the learned embedding).
+                uncond, _ = self.conditioner.build(embeds[1:], mask[1:], [seconds], padding="zeros")
+            else:
+                uncond = mx.zeros_like(cross)  # upstream's null condition: every token zero
+        return cross, global_cond, uncond
+
+    def sample(
+        self,
+        noise: mx.array,
+        sigmas: mx.array,
+        cross: mx.array,
+        global_cond: mx.array,
+        uncond: mx.array | None,
+        guidance: Guidance,
+        step_noise: Callable[[int, tuple[int, ...], mx.Dtype], mx.array],
+        local_cond: mx.array | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> mx.array:
+        """Pingpong-sample a batch from its starting noise; CFG runs cond and uncond in one forward."""
+        dit, dtype = self.dit, self.dit_dtype
+        batch = noise.shape[0]
+        cross = mx.broadcast_to(cross.astype(dtype), (batch, *cross.shape[1:]))
+        global_cond = mx.broadcast_to(global_cond.astype(dtype), (batch, global_cond.shape[-1]))
+        if local_cond is not None:
+            local_cond = mx.broadcast_to(local_cond.astype(dtype), (batch, *local_cond.shape[1:]))
+        if uncond is not None:
+            uncond = mx.broadcast_to(uncond.astype(dtype), (batch, *uncond.shape[1:]))
+            cross2 = mx.concatenate([cross, uncond])
+            global2 = mx.concatenate([global_cond, global_cond])
+            local2 = None if local_cond is None else mx.concatenate([local_cond, local_cond])
+
+        def velocity(x: mx.array, t: mx.array) -> mx.array:
+            if uncond is None or not guidance.active_at(float(t[0])):
+                return dit(x, t, cross, global_cond, local_cond)
+            v = dit(mx.concatenate([x, x]), mx.concatenate([t, t]), cross2, global2, local2)
+            return apply_guidance(x, t, v[:batch], v[batch:], guidance)
+
+        steps = sigmas.shape[0] - 1
+        x = noise.astype(dtype)
+        for i, x in enumerate(sample_pingpong(velocity, x, sigmas, step_noise), start=1):
+            if on_step is not None:
+                on_step(i, steps)
+        return x
+
+    # ---- the whole run -------------------------------------------------------------
+    @property
+    def dtype_name(self) -> str:
+        return {mx.float32: "fp32", mx.float16: "fp16", mx.bfloat16: "bf16"}[self.dit_dtype]
+
+    def plan(
+        self,
+        prompt: str,
+        seconds: float,
+        init_audio: np.ndarray | None = None,
+        inpaint: Sequence[tuple[float, float]] = (),
+        init_noise_level: float | None = None,
+    ) -> "GenerationPlan":
+        """Validate the settings and work out the mode, the length and the regions to regenerate."""
+        if not isinstance(prompt, str):
+            raise ValueError("prompt must be a string")
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise ValueError(f"seconds must be a positive number (got {seconds})")
+        inpaint = [(float(a), float(b)) for a, b in inpaint]
+        for start, end in inpaint:
+            if not 0 <= start < end <= seconds:
+                raise ValueError(f"inpaint range {start:g}-{end:g} s must satisfy 0 <= start < end <= {seconds:g}")
+        if inpaint and init_audio is None:
+            raise ValueError("inpainting needs init audio")
+        warnings = []
+        mode = "text-to-audio"
+        if init_audio is not None:
+            init_audio = np.asarray(init_audio, dtype=np.float32)
+            if init_audio.ndim != 2 or init_audio.shape[0] != 2 or init_audio.shape[1] == 0:
+                raise ValueError(f"init audio must be [2, samples] with samples > 0 (got shape {init_audio.shape})")
+            init_seconds = init_audio.shape[1] / SAMPLE_RATE
+            if init_seconds < seconds - 0.5 / SAMPLE_RATE:
+                # Continuation: the part past the end of the init audio is generated.
+                inpaint.append((init_seconds, seconds))
+                mode = "continuation" if len(inpaint) == 1 else "inpainting"
+            else:
+                mode = "inpainting" if inpaint else "audio-to-audio"
+                if init_seconds > seconds + 0.5 / SAMPLE_RATE:
+                    warnings.append(f"init audio is {init_seconds:.2f} s; only its first {seconds:g} s are used")
+        if init_noise_level is None:
+            init_noise_level = 0.9 if mode == "audio-to-audio" else 1.0
+        if not init_noise_level >= MIN_NOISE_LEVEL:
+            raise ValueError(f"init noise level must be >= {MIN_NOISE_LEVEL} (got {init_noise_level})")
+        return GenerationPlan(mode, latent_length(seconds, self.codec_name), float(init_noise_level), inpaint, warnings)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        seconds: float = 30.0,
+        steps: int = 8,
+        seed: int = 0,
+        cfg: float = 1.0,
+        apg: float = 1.0,
+        init_audio: np.ndarray | None = None,
+        init_noise_level: float | None = None,
+        inpaint: Sequence[tuple[float, float]] = (),
+        batch: int = 1,
+        on_step: Callable[[int, int], None] | None = None,
+        free_models: bool = False,
+    ) -> GenerationResult:
+        """Generate ``batch`` clips (seeds ``seed``, ``seed + 1``, ...).
+
+        ``init_audio`` ([2, samples] at 44.1 kHz) turns this into audio-to-audio;
+        with ``inpaint`` ranges ``(start, end)`` in seconds, or when the init audio
+        is shorter than ``seconds`` (continuation), only those parts are
+        regenerated and the kept latents are pasted back exactly.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1 (got {steps})")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1 (got {batch})")
+        plan = self.plan(prompt, seconds, init_audio, inpaint, init_noise_level)
+        guidance = Guidance(scale=cfg, apg=apg)
+        self.stages = []
+        mx.reset_peak_memory()
+
+        t0 = time.perf_counter()
+        cross, global_cond, uncond = self.conditioning(prompt, negative_prompt, seconds, guidance)
+        mx.eval(cross, global_cond, *([uncond] if uncond is not None else []))
+        self._stage("text encoding", t0)
+        if free_models:
+            self.free("text")
+
+        n_lat = plan.latents
+        init_latents = None
+        if init_audio is not None:
+            t0 = time.perf_counter()
+            init_latents = self._encode_init(init_audio, n_lat)
+            mx.eval(init_latents)
+            self._stage("init audio encoding", t0)
+            if free_models:
+                self.free("encoder")
+
+        t0 = time.perf_counter()
+        seeds = [seed + i for i in range(batch)]
+        # Per item: initial noise from key(seed), step noise from key(seed + 1) splits,
+        # so item i equals a single run with seed + i.
+        noise = mx.concatenate(
+            [mx.random.normal((1, codec.LATENT_CHANNELS, n_lat), key=mx.random.key(s)) for s in seeds]
+        )
+        streams = [seeded_step_noise(s + 1) for s in seeds]
+
+        def step_noise(i: int, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
+            return mx.concatenate([draw(i, (1, *shape[1:]), dtype) for draw in streams])
+
+        local_cond = keep = None
+        if init_latents is not None and plan.inpaint:
+            keep = mx.array(inpaint_keep_mask(plan.inpaint, seconds, n_lat))[None, None, :]
+            # Inpaint conditioning: [mask, latents * mask] on channels, time-major for the DiT.
+            local_cond = mx.concatenate([keep, init_latents * keep], axis=1).transpose(0, 2, 1)
+        elif init_latents is not None:
+            s = plan.init_noise_level
+            noise = init_latents * (1.0 - s) + noise * s
+
+        sigmas = pingpong_schedule(steps, plan.init_noise_level)
+        latents = self.sample(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond, on_step)
+        if keep is not None:
+            latents = paste_back(latents, init_latents, keep)
+        latents = latents.astype(mx.float32)
+        mx.eval(latents)
+        self._stage("sampling", t0)
+        if free_models:
+            self.free("dit")
+
+        t0 = time.perf_counter()
+        audio = codec.unpatchify(codec.decode(self.decoder, latents))
+        mx.eval(audio)
+        self._stage("decoding", t0)
+        if free_models:
+            self.free("decoder")
+
+        n_samples = int(round(seconds * SAMPLE_RATE))
+        audio_np = np.array(audio[..., :n_samples])
+        settings = dict(
+            model=self.model_name, codec=self.codec_name, prompt=prompt, negative_prompt=negative_prompt,
+            seconds=seconds, steps=steps, seed=seed, cfg=cfg, apg=apg, mode=plan.mode,
+            init_noise_level=plan.init_noise_level, inpaint=[list(r) for r in plan.inpaint], batch=batch,
+            latents=n_lat, dit_dtype=self.dtype_name,
+        )
+        return GenerationResult(audio_np, SAMPLE_RATE, settings, np.array(latents), list(self.stages))
+
+    def _encode_init(self, audio: np.ndarray, n_lat: int) -> mx.array:
+        """Encode [2, samples] init audio to ``[1, 256, n_lat]`` latents (padded with silence)."""
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 2 or audio.shape[0] != 2:
+            raise ValueError(f"init audio must be [2, samples] (got shape {audio.shape})")
+        n_samples = n_lat * SAMPLES_PER_LATENT
+        audio = audio[:, :n_samples]
+        audio = np.pad(audio, ((0, 0), (0, n_samples - audio.shape[1])))
+        latents = codec.encode(self.encoder, mx.array(audio[None]))
+        return latents[..., :n_lat]
