@@ -13,32 +13,16 @@ under ``cond.*``; they are loaded here, strictly, into :class:`Conditioner`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import WeightError, load_strict
+from .models.layers import expo_fourier_frequencies, fourier_features
+from .weights import WeightDict, WeightError, load_strict, shape_of
 
 COND_PREFIX = "cond."
-
-
-def expo_fourier_features(
-    t: mx.array, dim: int, min_freq: float = 0.5, max_freq: float = 10000.0
-) -> mx.array:
-    """Exponentially spaced Fourier features ``[cos, sin](2 pi t f)`` of a batch of scalars.
-
-    The argument is formed in the upstream PyTorch order ``(t * f) * 2 * pi``:
-    at frequencies up to 1e4 the fp32 rounding of that product is visible.
-    """
-    half = dim // 2
-    ramp = mx.linspace(0.0, 1.0, half, dtype=mx.float32)
-    log_min, log_max = math.log(min_freq), math.log(max_freq)
-    freqs = mx.exp(ramp * (log_max - log_min) + log_min)
-    args = t.astype(mx.float32).reshape(-1, 1) * freqs * 2 * math.pi
-    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
 
 
 @dataclass(frozen=True)
@@ -54,8 +38,7 @@ class ConditionerConfig:
         key = "seconds_total_weight"
         if key not in weights:
             raise WeightError(f"{file}: missing key '{COND_PREFIX}{key}'")
-        shape = weights.shape(key) if hasattr(weights, "shape") else weights[key].shape
-        cond_dim, features = (int(s) for s in shape)
+        cond_dim, features = (int(s) for s in shape_of(weights, key))
         return cls(cond_dim=cond_dim, seconds_features=features)
 
 
@@ -68,12 +51,13 @@ class Conditioner(nn.Module):
         self.padding_embedding = mx.zeros((config.cond_dim,))
         self.seconds_total_weight = mx.zeros((config.cond_dim, config.seconds_features))
         self.seconds_total_bias = mx.zeros((config.cond_dim,))
+        self._freqs = expo_fourier_frequencies(config.seconds_features)
 
     def seconds_embedding(self, seconds: Sequence[float]) -> mx.array:
         """``[B] seconds -> [B, 1, cond_dim]``: clamp to the trained range, normalise, embed."""
         c = self.config
         s = mx.clip(mx.array(list(seconds), dtype=mx.float32), c.seconds_min, c.seconds_max)
-        features = expo_fourier_features((s - c.seconds_min) / (c.seconds_max - c.seconds_min), c.seconds_features)
+        features = fourier_features((s - c.seconds_min) / (c.seconds_max - c.seconds_min), self._freqs)
         out = features @ self.seconds_total_weight.T + self.seconds_total_bias
         return out[:, None, :]
 
@@ -103,8 +87,6 @@ class Conditioner(nn.Module):
 
 def load_conditioner(cond_weights: Mapping, file: str) -> Conditioner:
     """Strictly load the ``cond.*`` tensors (keys given without the prefix), in float32."""
-    from .weights import WeightDict
-
     weights = WeightDict(cond_weights, name=file)
     conditioner = Conditioner(ConditionerConfig.from_weights(weights, file))
     # Report keys with their full file name so errors point at the real key.

@@ -220,27 +220,34 @@ class Pipeline:
         local_cond: mx.array | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> mx.array:
-        """Pingpong-sample a batch from its starting noise; CFG runs cond and uncond in one forward."""
-        dit, dtype = self.dit, self.dit_dtype
+        """Pingpong-sample a batch from its starting noise; CFG runs cond and uncond in one forward.
+
+        What does not change across steps (context and global projections, local
+        conditioning embeddings) is computed once here, not in every step.
+        """
+        dit = self.dit
         batch = noise.shape[0]
-        cross = mx.broadcast_to(cross.astype(dtype), (batch, *cross.shape[1:]))
-        global_cond = mx.broadcast_to(global_cond.astype(dtype), (batch, global_cond.shape[-1]))
-        if local_cond is not None:
-            local_cond = mx.broadcast_to(local_cond.astype(dtype), (batch, *local_cond.shape[1:]))
+
+        def expand(a: mx.array | None) -> mx.array | None:
+            return None if a is None else mx.broadcast_to(a, (batch, *a.shape[1:]))
+
+        cond = dit.condition(expand(cross), expand(global_cond), local_cond)
         if uncond is not None:
-            uncond = mx.broadcast_to(uncond.astype(dtype), (batch, *uncond.shape[1:]))
-            cross2 = mx.concatenate([cross, uncond])
-            global2 = mx.concatenate([global_cond, global_cond])
-            local2 = None if local_cond is None else mx.concatenate([local_cond, local_cond])
+            pair = dit.condition(
+                mx.concatenate([expand(cross), expand(uncond)]),
+                mx.concatenate([expand(global_cond)] * 2),
+                None if local_cond is None else mx.concatenate([expand(local_cond)] * 2),
+            )
 
         def velocity(x: mx.array, t: mx.array) -> mx.array:
             if uncond is None or not guidance.active_at(float(t[0])):
-                return dit(x, t, cross, global_cond, local_cond)
-            v = dit(mx.concatenate([x, x]), mx.concatenate([t, t]), cross2, global2, local2)
+                return dit.predict(x, dit.embed_timestep(dit.timestep_features(t)), cond)
+            t2 = mx.concatenate([t, t])
+            v = dit.predict(mx.concatenate([x, x]), dit.embed_timestep(dit.timestep_features(t2)), pair)
             return apply_guidance(x, t, v[:batch], v[batch:], guidance)
 
         steps = sigmas.shape[0] - 1
-        x = noise.astype(dtype)
+        x = noise.astype(self.dit_dtype)
         for i, x in enumerate(sample_pingpong(velocity, x, sigmas, step_noise), start=1):
             if on_step is not None:
                 on_step(i, steps)

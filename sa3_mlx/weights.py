@@ -70,7 +70,10 @@ class NpzWeights(Mapping):
             try:
                 with self._zip.open(self._members[key]) as f:
                     version = np.lib.format.read_magic(f)
-                    shape, _, _ = np.lib.format._read_array_header(f, version)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, _ = read_header(f)
             except KeyError:
                 raise
             except Exception as e:  # any header damage reads as corruption

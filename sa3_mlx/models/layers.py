@@ -1,0 +1,207 @@
+"""Building blocks shared by the Stable Audio 3 models (DiT, and usable by the codec).
+
+Everything here follows upstream ``stable_audio_3/models/transformer.py`` and
+``blocks.py``; module attribute names equal the upstream parameter names so the
+official weight files load without renaming:
+
+* :func:`silu_mlp` / :func:`run_layers`: the ``Linear -> SiLU -> Linear`` stacks that
+  upstream builds with ``nn.Sequential`` (keys ``name.0.*`` and ``name.2.*``).
+* :class:`GLU`, :class:`FeedForward`: SwiGLU feed-forward (``ff.ff.0.proj``, ``ff.ff.2``).
+* :func:`split_heads`, :func:`merge_heads`, :func:`differential_attention`: the
+  attention core as plain functions, for models whose attention modules are named
+  or normalised differently.
+* :class:`Attention`: multi-head self- or cross-attention with per-head RMS q/k norm,
+  partial RoPE and optional differential heads (``to_qkv`` or ``to_q``/``to_kv``,
+  ``to_out``, ``q_norm``, ``k_norm``).
+* :func:`expo_fourier_frequencies`, :func:`fourier_features`: the exponentially spaced
+  Fourier features of upstream ``ExpoFourierFeatures`` (DiT timestep, seconds embedder).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+def silu_mlp(in_dims: int, hidden_dims: int, out_dims: int, bias: bool) -> list[nn.Module]:
+    """``[Linear, SiLU, Linear]`` as a list, so parameters are named ``0.*`` and ``2.*``.
+
+    MLX's ``nn.Sequential`` would name them ``layers.0.*``; a plain list keeps the
+    upstream ``nn.Sequential`` indices. Apply it with :func:`run_layers`.
+    """
+    return [nn.Linear(in_dims, hidden_dims, bias=bias), nn.SiLU(), nn.Linear(hidden_dims, out_dims, bias=bias)]
+
+
+def run_layers(layers: Sequence[Callable[[mx.array], mx.array]], x: mx.array) -> mx.array:
+    """Apply ``layers`` in order (the forward pass of a list built like :func:`silu_mlp`)."""
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+class GLU(nn.Module):
+    """Gated linear unit: ``value * activation(gate)`` with ``value, gate = proj(x).split(2)``.
+
+    The value half comes first, as in upstream ``GLU`` (``x, gate = x.chunk(2)``).
+    """
+
+    def __init__(self, in_dims: int, out_dims: int, activation: Callable[[mx.array], mx.array] = nn.silu):
+        super().__init__()
+        self.proj = nn.Linear(in_dims, 2 * out_dims)
+        self.activation = activation
+
+    def __call__(self, x: mx.array) -> mx.array:
+        value, gate = mx.split(self.proj(x), 2, axis=-1)
+        return value * self.activation(gate)
+
+
+class FeedForward(nn.Module):
+    """Upstream ``FeedForward(glu=True)``: ``Linear(GLU(x))`` with biases.
+
+    ``ff`` mirrors upstream's ``nn.Sequential(GLU, Identity, Linear, Identity)`` so the
+    keys are ``ff.0.proj.*`` and ``ff.2.*``; index 1 is the (parameter-free)
+    rearrange slot upstream uses only for its convolutional variant.
+    """
+
+    def __init__(self, dims: int, inner_dims: int, activation: Callable[[mx.array], mx.array] = nn.silu):
+        super().__init__()
+        self.ff = [GLU(dims, inner_dims, activation), nn.Identity(), nn.Linear(inner_dims, dims)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return run_layers(self.ff, x)
+
+
+def split_heads(x: mx.array, num_heads: int) -> mx.array:
+    """``[B, L, H * D] -> [B, H, L, D]``."""
+    B, L, _ = x.shape
+    return x.reshape(B, L, num_heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """``[B, H, L, D] -> [B, L, H * D]``."""
+    B, H, L, D = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+
+
+def differential_attention(
+    q: mx.array, k: mx.array, v: mx.array, q_diff: mx.array, k_diff: mx.array, scale: float
+) -> mx.array:
+    """``softmax(q k^T) v - softmax(q_diff k_diff^T) v`` (heads layout ``[B, H, L, D]``).
+
+    This is upstream's form of differential attention: two attention maps over the
+    same values, subtracted with weight 1. There is no learned lambda and no
+    per-head norm after the subtraction (the Differential Transformer paper has
+    both; the Stable Audio 3 checkpoints have neither).
+    """
+    main = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    diff = mx.fast.scaled_dot_product_attention(q_diff, k_diff, v, scale=scale)
+    return main - diff
+
+
+class Attention(nn.Module):
+    """Multi-head attention as upstream ``Attention(qk_norm="rms")``, bias-free projections.
+
+    Self-attention projects ``to_qkv`` (``[q, k, v]``, or ``[q, k, v, q_diff, k_diff]``
+    when ``differential``); cross-attention projects ``to_q`` (``[q]`` or
+    ``[q, q_diff]``) from ``x`` and ``to_kv`` (``[k, v]`` or ``[k, k_diff, v]``) from
+    the context. Every query and key head is RMS-normalised over ``head_dim`` (the
+    diff heads share ``q_norm``/``k_norm``), then, for self-attention with
+    ``rope_dims > 0``, the first ``rope_dims`` features of each head are rotated
+    (half-split pairing, positions ``0..L-1``) and the rest pass through.
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        head_dim: int,
+        cross: bool = False,
+        differential: bool = False,
+        rope_dims: int = 0,
+        rope_base: float = 10000.0,
+        qk_norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if dims % head_dim:
+            raise ValueError(f"dims ({dims}) must be a multiple of head_dim ({head_dim})")
+        if cross and rope_dims:
+            raise ValueError("rotary embeddings are applied in self-attention only")
+        self.num_heads = dims // head_dim
+        self.cross = cross
+        self.scale = head_dim**-0.5
+        self.differential = differential
+        self.rope_dims = rope_dims
+        self.rope_base = rope_base
+
+        sets = 2 if differential else 1  # query/key sets: main, and diff when differential
+        if cross:
+            self.to_q = nn.Linear(dims, sets * dims, bias=False)
+            self.to_kv = nn.Linear(dims, (sets + 1) * dims, bias=False)
+        else:
+            self.to_qkv = nn.Linear(dims, (2 * sets + 1) * dims, bias=False)
+        self.to_out = nn.Linear(dims, dims, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
+        self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+        """``x`` [B, L, dims]; ``context`` [B, S, dims] for cross-attention -> [B, L, dims]."""
+        if self.cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context")
+            queries = mx.split(self.to_q(x), 2 if self.differential else 1, axis=-1)
+            *keys, values = mx.split(self.to_kv(context), 3 if self.differential else 2, axis=-1)
+        elif self.differential:
+            q, k, values, q_diff, k_diff = mx.split(self.to_qkv(x), 5, axis=-1)
+            queries, keys = [q, q_diff], [k, k_diff]
+        else:
+            q, k, values = mx.split(self.to_qkv(x), 3, axis=-1)
+            queries, keys = [q], [k]
+
+        queries = [self._rope(self.q_norm(split_heads(q, self.num_heads))) for q in queries]
+        keys = [self._rope(self.k_norm(split_heads(k, self.num_heads))) for k in keys]
+        values = split_heads(values, self.num_heads)
+        if self.differential:
+            out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale)
+        else:
+            out = mx.fast.scaled_dot_product_attention(queries[0], keys[0], values, scale=self.scale)
+        return self.to_out(merge_heads(out))
+
+    def _rope(self, x: mx.array) -> mx.array:
+        if not self.rope_dims:
+            return x
+        return mx.fast.rope(x, self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
+
+
+def expo_fourier_frequencies(dim: int, min_freq: float = 0.5, max_freq: float = 10000.0) -> mx.array:
+    """The ``dim // 2`` fp32 frequencies of upstream ``ExpoFourierFeatures``, log-spaced.
+
+    Upstream computes ``exp(linspace(0, 1) * (log max - log min) + log min)`` in fp32.
+    The ramp and exponent are formed the same way in fp32 here (the ramp as
+    ``i / (n - 1)``, which is what torch's and MLX's ``linspace`` give for ``[0, 1]``);
+    the ``exp`` is taken in float64 and rounded once, i.e. a correctly rounded fp32
+    ``exp``. That fixes these constants on the host, independent of the backend's
+    ``exp`` (a 1-ulp change of a 1e4 frequency moves its feature by ~6e-3), and
+    measured closest to the PyTorch reference (see tests/test_dit.py).
+    """
+    if dim % 2:
+        raise ValueError(f"Fourier feature dim must be even, got {dim}")
+    half = dim // 2
+    ramp = np.arange(half, dtype=np.float32) / np.float32(max(half - 1, 1))
+    log_min, log_max = math.log(min_freq), math.log(max_freq)
+    exponent = ramp * np.float32(log_max - log_min) + np.float32(log_min)
+    return mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
+
+
+def fourier_features(t: mx.array, freqs: mx.array) -> mx.array:
+    """``[cos(2 pi t f), sin(2 pi t f)]`` for ``t`` [B] -> [B, 2 * len(freqs)], in fp32.
+
+    The argument is rounded in the upstream order ``((t * f) * 2) * pi``. With
+    frequencies up to 1e4 the argument reaches ~6e4 rad, where the fp32 rounding of a
+    different order (e.g. ``t * (f * 2 pi)``, the official MLX port's) moves cos/sin by
+    up to ~1.6e-2.
+    """
+    args = t.astype(mx.float32).reshape(-1, 1) * freqs * 2 * math.pi
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
