@@ -125,6 +125,7 @@ class Pipeline:
         self._decoder = None
         self._encoder = None
         self.stages: list[StageStats] = []
+        self.on_stage: Callable[[StageStats], None] | None = None  # called as each stage ends
 
     # ---- loading ---------------------------------------------------------
     def _path(self, name: str) -> Path:
@@ -182,8 +183,31 @@ class Pipeline:
     # ---- stages --------------------------------------------------------------
     def _stage(self, name: str, start: float) -> None:
         mx.synchronize()
-        self.stages.append(StageStats(name, time.perf_counter() - start, _peak_memory()))
+        stats = StageStats(name, time.perf_counter() - start, _peak_memory())
+        self.stages.append(stats)
         mx.reset_peak_memory()
+        if self.on_stage is not None:
+            self.on_stage(stats)
+
+    def _load_timed(self, label: str, attribute: str, load: Callable[[], object]) -> None:
+        """Load a model now (if not yet loaded) and record it as its own stage."""
+        if getattr(self, attribute) is None:
+            t0 = time.perf_counter()
+            load()
+            self._stage(label, t0)
+
+    def _check_widths(self) -> None:
+        """The text encoder, conditioner and DiT must agree on the conditioning width."""
+        encoder, _ = self.text
+        widths = {
+            "T5Gemma hidden size": encoder.config.hidden_size,
+            "conditioner width (cond.*)": self.conditioner.config.cond_dim,
+            "DiT cross-attention input": self.dit.config.cond_token_dim,
+            "DiT global-conditioning input": self.dit.config.global_cond_dim,
+        }
+        if len(set(widths.values())) != 1:
+            detail = ", ".join(f"{k} {v}" for k, v in widths.items())
+            raise ValueError(f"the weight files do not belong together: {detail}")
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
         """T5Gemma embeddings ``[B, 256, C]`` and their mask ``[B, 256]`` (BOS-prefixed tokens)."""
@@ -196,6 +220,7 @@ class Pipeline:
         self, prompt: str, negative_prompt: str | None, seconds: float, guidance: Guidance
     ) -> tuple[mx.array, mx.array, mx.array | None]:
         """``(cross_attn_cond [1,S+1,C], global_cond [1,C], uncond_cross_attn or None)``."""
+        self._check_widths()
         prompts = [prompt] + ([negative_prompt] if guidance.enabled and negative_prompt is not None else [])
         embeds, mask = self.encode_prompts(prompts)
         cross, global_cond = self.conditioner.build(embeds[:1], mask[:1], [seconds])
@@ -330,6 +355,8 @@ class Pipeline:
         self.stages = []
         mx.reset_peak_memory()
 
+        self._load_timed("load text encoder", "_text", lambda: self.text)
+        self._load_timed("load DiT", "_dit", lambda: self.dit)
         t0 = time.perf_counter()
         cross, global_cond, uncond = self.conditioning(prompt, negative_prompt, seconds, guidance)
         mx.eval(cross, global_cond, *([uncond] if uncond is not None else []))
@@ -340,6 +367,7 @@ class Pipeline:
         n_lat = plan.latents
         init_latents = None
         if init_audio is not None:
+            self._load_timed("load encoder", "_encoder", lambda: self.encoder)
             t0 = time.perf_counter()
             init_latents = self._encode_init(init_audio, n_lat)
             mx.eval(init_latents)
@@ -378,6 +406,7 @@ class Pipeline:
         if free_models:
             self.free("dit")
 
+        self._load_timed("load decoder", "_decoder", lambda: self.decoder)
         t0 = time.perf_counter()
         audio = codec.unpatchify(codec.decode(self.decoder, latents))
         mx.eval(audio)

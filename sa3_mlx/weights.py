@@ -62,6 +62,9 @@ class NpzWeights(Mapping):
     def __iter__(self) -> Iterator[str]:
         return iter(self._members)
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._members
+
     def __len__(self) -> int:
         return len(self._members)
 

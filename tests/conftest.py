@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import sa3_mlx  # noqa: F401  (first: loads the fast BLAS before anything imports mlx)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -42,9 +42,11 @@ class Display:
         else:
             Console(stderr=True, highlight=False).print(f"warning: {text}")
 
-    def stage(self, label: str, seconds: float) -> None:
+    def stage_done(self, stage) -> None:
+        """One line per pipeline stage as it ends (the sampling bar is cleared first)."""
+        self.stop_sampling()
         if self.enabled:
-            self.console.print(f"  [cyan]{label:<28}[/cyan] [yellow]{seconds * 1000:8.0f} ms[/yellow]")
+            self.console.print(f"  [cyan]{stage.name:<28}[/cyan] [yellow]{stage.seconds * 1000:8.0f} ms[/yellow]")
 
     def start_sampling(self, total: int) -> None:
         if not self.enabled:

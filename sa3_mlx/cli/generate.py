@@ -208,18 +208,22 @@ def run(argv: list[str]) -> int:
     )
 
     started = time.perf_counter()
-    display.start_sampling(args.steps)
+    pipe.on_stage = display.stage_done
+
+    def on_step(done: int, total: int) -> None:
+        if done == 1:
+            display.start_sampling(total)
+        display.step(done, total)
+
     try:
         result = pipe.generate(
             args.prompt, negative_prompt=args.negative_prompt, seconds=args.seconds, steps=args.steps,
             seed=args.seed, cfg=args.cfg, apg=args.apg, init_audio=init_audio,
             init_noise_level=args.init_noise_level, inpaint=args.inpaint_range, batch=args.num_outputs,
-            on_step=display.step, free_models=args.free_models,
+            on_step=on_step, free_models=args.free_models,
         )
     finally:
         display.stop_sampling()
-    for stage in result.stages:
-        display.stage(stage.name, stage.seconds)
 
     saved = []
     for i, (path, audio) in enumerate(zip(paths, result.audio)):
