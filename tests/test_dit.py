@@ -142,8 +142,8 @@ def test_intermediates(model, case):
     h = transformer.project_in(x)
     memory = mx.broadcast_to(transformer.memory_tokens, (h.shape[0], *transformer.memory_tokens.shape))
     h = mx.concatenate([memory, h], axis=1)
-    for i, (layer, local_embed) in enumerate(zip(transformer.layers, cond.local_embeds)):
-        h = layer(h, cond.context, adaln, local_embed)
+    for i, (layer, kv, local_embed) in enumerate(zip(transformer.layers, cond.context_kv, cond.local_embeds)):
+        h = layer(h, kv, adaln, local_embed)
         check(f"inter_hidden_after_layer{i}_with_mem", h)
 
 

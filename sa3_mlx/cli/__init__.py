@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("generate", "download", "doctor", "info")
+COMMANDS = ("generate", "download", "doctor", "info", "bench")
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -21,32 +21,40 @@ def _dispatch(argv: list[str]) -> int:
         from .generate import run
 
         return run(argv)
+    if command == "bench":
+        from ..bench import main as bench
+
+        return bench(argv)
     from . import tools
 
     return getattr(tools, command)(argv)
+
+
+def _error(text: str) -> int:
+    """Report a failure as one ``error:`` line on stderr; exit code 2."""
+    print("error: " + " ".join(text.split()), file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..audio import AudioError
     from ..hub import WeightsUnavailable
     from ..weights import WeightError
-    from .generate import UsageError
+    from .parsing import UsageError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         return _dispatch(argv)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        # A fresh line first on a terminal, where a progress bar may hold the current one.
+        print(("\n" if sys.stderr.isatty() else "") + "interrupted", file=sys.stderr)
         return 130
     except (UsageError, AudioError, WeightsUnavailable, WeightError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     except MemoryError:
-        print("error: out of memory (try a shorter --seconds, fewer --num-outputs, or --free-models)", file=sys.stderr)
-        return 2
+        return _error("out of memory (try a shorter --seconds, fewer --num-outputs, or --free-models)")
     except OSError as e:
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 2
+        return _error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ class DiTConditioning:
     """
 
     context: mx.array  # [B, S, E] cross-attention tokens after to_cond_embed
+    # Per block: the cross-attention keys and values of the context (fixed across steps).
+    context_kv: list[tuple[list[mx.array], mx.array]]
     global_embed: mx.array  # [B, E] to_global_embed(global_cond), without the timestep
     # Per block: to_local_embed(local_add_cond), [B, T, E], or [1, 1, E] when there is no
     # local conditioning (the embedding of a zero vector, broadcast over batch and time).
@@ -180,15 +182,16 @@ class DiTBlock(nn.Module):
         self.to_scale_shift_gate = mx.zeros((6 * E,))
         self.to_local_embed = LocalEmbed(config.local_add_cond_dim, E)
 
-    def __call__(self, x: mx.array, context: mx.array, adaln: mx.array, local_embed: mx.array) -> mx.array:
-        """``x`` [B, M + T, E] (memory tokens first), ``adaln`` [B, 6E], ``local_embed`` [B|1, T|1, E]."""
+    def __call__(self, x: mx.array, context_kv, adaln: mx.array, local_embed: mx.array) -> mx.array:
+        """``x`` [B, M + T, E] (memory tokens first), ``context_kv`` this block's cross-attention
+        keys/values, ``adaln`` [B, 6E], ``local_embed`` [B|1, T|1, E]."""
         modulation = (self.to_scale_shift_gate + adaln)[:, None, :]
         scale_self, shift_self, gate_self, scale_ff, shift_ff, gate_ff = mx.split(modulation, 6, axis=-1)
 
         h = self.pre_norm(x) * (1 + scale_self) + shift_self
         x = x + self.self_attn(h) * mx.sigmoid(1 - gate_self)
 
-        x = x + self.cross_attn(self.cross_attend_norm(x), context)
+        x = x + self.cross_attn(self.cross_attend_norm(x), context_kv=context_kv)
 
         # The local conditioning is aligned with the latents; memory tokens get none.
         M = self.num_memory_tokens
@@ -211,15 +214,15 @@ class ContinuousTransformer(nn.Module):
         self.layers = [DiTBlock(config) for _ in range(config.depth)]
 
     def __call__(
-        self, x: mx.array, context: mx.array, global_embed: mx.array, local_embeds: list[mx.array]
+        self, x: mx.array, context_kv: list, global_embed: mx.array, local_embeds: list[mx.array]
     ) -> mx.array:
         """``x`` [B, T, C_io] -> [B, T, C_io]; ``global_embed`` [B, E] includes the timestep."""
         h = self.project_in(x)
         memory = mx.broadcast_to(self.memory_tokens, (h.shape[0], *self.memory_tokens.shape))
         h = mx.concatenate([memory, h], axis=1)
         adaln = run_layers(self.global_cond_embedder, global_embed)
-        for layer, local_embed in zip(self.layers, local_embeds):
-            h = layer(h, context, adaln, local_embed)
+        for layer, kv, local_embed in zip(self.layers, context_kv, local_embeds):
+            h = layer(h, kv, adaln, local_embed)
         return self.project_out(h[:, self.memory_tokens.shape[0]:])
 
 
@@ -264,7 +267,8 @@ class DiT(nn.Module):
             local_add_cond = mx.zeros((1, 1, self.config.local_add_cond_dim), dtype=dtype)
         local_add_cond = local_add_cond.astype(dtype)
         local_embeds = [layer.to_local_embed(local_add_cond) for layer in self.transformer.layers]
-        return DiTConditioning(context, global_embed, local_embeds)
+        context_kv = [layer.cross_attn.context_keys_values(context) for layer in self.transformer.layers]
+        return DiTConditioning(context, context_kv, global_embed, local_embeds)
 
     def timestep_features(self, t: mx.array) -> mx.array:
         """Expo Fourier features of the timesteps ``t`` [B] -> [B, F], fp32."""
@@ -278,7 +282,7 @@ class DiT(nn.Module):
         """One step's velocity: ``x`` [B, C_io, T] channels-first -> ``v`` [B, C_io, T]."""
         x = x.astype(self.dtype).swapaxes(1, 2)
         h = self.preprocess_conv(x) + x
-        h = self.transformer(h, cond.context, cond.global_embed + timestep_embed, cond.local_embeds)
+        h = self.transformer(h, cond.context_kv, cond.global_embed + timestep_embed, cond.local_embeds)
         out = self.postprocess_conv(h) + h
         return out.swapaxes(1, 2)
 

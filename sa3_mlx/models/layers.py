@@ -146,23 +146,45 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
         self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
 
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
-        """``x`` [B, L, dims]; ``context`` [B, S, dims] for cross-attention -> [B, L, dims]."""
-        if self.cross:
-            if context is None:
-                raise ValueError("cross-attention needs a context")
-            queries = mx.split(self.to_q(x), 2 if self.differential else 1, axis=-1)
-            *keys, values = mx.split(self.to_kv(context), 3 if self.differential else 2, axis=-1)
-        elif self.differential:
-            q, k, values, q_diff, k_diff = mx.split(self.to_qkv(x), 5, axis=-1)
-            queries, keys = [q, q_diff], [k, k_diff]
-        else:
-            q, k, values = mx.split(self.to_qkv(x), 3, axis=-1)
-            queries, keys = [q], [k]
+    def context_keys_values(self, context: mx.array) -> tuple[list[mx.array], mx.array]:
+        """Cross-attention keys (normalised, per query set) and values for ``context`` [B, S, dims].
 
-        queries = [self._rope(self.q_norm(split_heads(q, self.num_heads))) for q in queries]
-        keys = [self._rope(self.k_norm(split_heads(k, self.num_heads))) for k in keys]
-        values = split_heads(values, self.num_heads)
+        They depend only on the context, so a sampler computes them once per
+        generation instead of once per step.
+        """
+        *keys, values = mx.split(self.to_kv(context), 3 if self.differential else 2, axis=-1)
+        keys = [self.k_norm(split_heads(k, self.num_heads)) for k in keys]
+        return keys, split_heads(values, self.num_heads)
+
+    def __call__(
+        self,
+        x: mx.array,
+        context: mx.array | None = None,
+        context_kv: tuple[list[mx.array], mx.array] | None = None,
+    ) -> mx.array:
+        """``x`` [B, L, dims] -> [B, L, dims].
+
+        Cross-attention attends to ``context`` [B, S, dims], or to its precomputed
+        :meth:`context_keys_values`.
+        """
+        if self.cross:
+            if context_kv is None:
+                if context is None:
+                    raise ValueError("cross-attention needs a context")
+                context_kv = self.context_keys_values(context)
+            keys, values = context_kv
+            queries = mx.split(self.to_q(x), 2 if self.differential else 1, axis=-1)
+            queries = [self.q_norm(split_heads(q, self.num_heads)) for q in queries]
+        else:
+            if self.differential:
+                q, k, values, q_diff, k_diff = mx.split(self.to_qkv(x), 5, axis=-1)
+                queries, keys = [q, q_diff], [k, k_diff]
+            else:
+                q, k, values = mx.split(self.to_qkv(x), 3, axis=-1)
+                queries, keys = [q], [k]
+            queries = [self._rope(self.q_norm(split_heads(q, self.num_heads))) for q in queries]
+            keys = [self._rope(self.k_norm(split_heads(k, self.num_heads))) for k in keys]
+            values = split_heads(values, self.num_heads)
         if self.differential:
             out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale)
         else:

@@ -1,0 +1,195 @@
+"""``sa3 bench``: speed and memory of every model at the official runner's clip lengths.
+
+Each cell (model x seconds) runs in its own process so its peak memory is its own;
+weights are loaded before the clock starts. ``--random-weights`` builds the released
+models' full-size architectures with random values in memory (speed does not
+depend on the values), so the benchmark needs no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+# The released models' sizes, as their weight files give them (checked against the
+# official manifests in tests/test_manifests.py). Used only to build random weights.
+RELEASED_T5GEMMA = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                        head_dim=64, intermediate_size=2048, vocab_size=256000, attn_logit_softcapping=50.0,
+                        query_pre_attn_scalar=64)
+_DIT_COMMON = dict(io_channels=256, head_dim=64, cond_token_dim=768, global_cond_dim=768, local_add_cond_dim=257,
+                   num_memory_tokens=64, timestep_features_dim=256)
+RELEASED_DIT = {
+    "sm-music": dict(embed_dim=1024, depth=20, num_heads=16, ff_inner=4096, differential=False, **_DIT_COMMON),
+    "medium": dict(embed_dim=1536, depth=24, num_heads=24, ff_inner=6144, differential=True, **_DIT_COMMON),
+}
+RELEASED_DIT["sm-sfx"] = RELEASED_DIT["sm-music"]
+RELEASED_SAME = {
+    "same-s": dict(family="s", dim=768, num_heads=12, head_dim=64, num_blocks=6, ff_inner=2304),
+    "same-l": dict(family="l", dim=1536, num_heads=24, head_dim=64, num_blocks=12, ff_inner=4608, sinusoidal_blocks=8),
+}
+
+DEFAULT_SECONDS = (5, 30, 120, 380)
+LONG_ONLY_FOR = "medium"  # the official matrix runs 380 s for the medium model only
+
+
+def random_pipeline(model: str, dit_dtype=None):
+    """A Pipeline of the released architecture with random weights, nothing read from disk."""
+    import mlx.core as mx
+
+    from . import hub
+    from .conditioning import Conditioner, ConditionerConfig
+    from .models.dit import DiT, DiTConfig
+    from .models.same import SAMEConfig, SAMEDecoder
+    from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, Tokenizer
+    from .pipeline import Pipeline
+
+    pipe = Pipeline(model, dit_dtype=dit_dtype, progress=False)
+    encoder = T5GemmaEncoder(T5GemmaConfig(**RELEASED_T5GEMMA))
+    pipe._text = (encoder, Tokenizer(_random_tokenizer(), pad_id=0))
+    pipe._dit = DiT(DiTConfig(**RELEASED_DIT[model]))
+    pipe._dit.set_dtype(pipe.dit_dtype)
+    pipe._conditioner = Conditioner(ConditionerConfig(cond_dim=768, seconds_features=256))
+    same = RELEASED_SAME[hub.MODELS[model].codec]
+    pipe._decoder = SAMEDecoder(
+        SAMEConfig(role="decoder", latent_dim=256, io_channels=512, mapping_kernel=3 if same["family"] == "s" else 1, **same)
+    )
+    for module in (encoder, pipe._dit, pipe._conditioner, pipe._decoder):
+        mx.eval(module.parameters())
+    return pipe
+
+
+def _random_tokenizer() -> bytes:
+    """Any SentencePiece model does for timing: a small one trained on the spot."""
+    import sentencepiece as spm
+
+    words = "ambient drum bass synth loop house techno guitar piano strings rain wind".split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(200)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=60,
+                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2, hard_vocab_limit=False)
+    return out.getvalue()
+
+
+def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weights_dir: str | None,
+             dit_dtype: str | None, warmup: int) -> dict:
+    """One benchmark cell in this process; returns its measurements."""
+    import mlx.core as mx
+
+    from .pipeline import Pipeline
+
+    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}.get(dit_dtype or "")
+    t0 = time.perf_counter()
+    if random_weights:
+        pipe = random_pipeline(model, dtype)
+    else:
+        pipe = Pipeline(model, weights_dir=weights_dir, dit_dtype=dtype, progress=False)
+        pipe.fetch()
+        _ = pipe.text, pipe.dit, pipe.decoder
+    mx.synchronize()
+    load = time.perf_counter() - t0
+    prompt = "warm analog synth arpeggio over a deep house groove, 124 BPM"
+    for _ in range(warmup):  # compiles kernels / warms caches on GPUs
+        pipe.generate(prompt, seconds=seconds, steps=steps, seed=0)
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    result = pipe.generate(prompt, seconds=seconds, steps=steps, seed=1)
+    wall = time.perf_counter() - t0
+    stages = {s.name: s for s in result.stages}
+    sampling = stages["sampling"].seconds
+    return dict(
+        model=model, seconds=seconds, steps=steps, load_s=load, text_s=stages["text encoding"].seconds,
+        sampling_s=sampling, ms_per_step=1000 * sampling / steps, decode_s=stages["decoding"].seconds,
+        wall_s=wall, realtime=seconds / wall, peak_bytes=max(s.peak_bytes for s in result.stages),
+        dit_dtype=pipe.dtype_name, latents=result.settings["latents"],
+    )
+
+
+def hardware() -> dict:
+    import mlx.core as mx
+
+    from .backend import blas_status
+
+    info = {"mlx": mx.__version__, "device": str(mx.default_device())}
+    try:
+        info.update({k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))})
+    except Exception:
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info["cpu"] = f"{cpu} ({os.cpu_count()} cores)"
+    if mx.default_device().type == mx.DeviceType.cpu:
+        info["blas"] = blas_status()[0] or "bundled reference BLAS"
+    return info
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sa3 bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="sm-music,sm-sfx,medium", help="comma-separated (default all three)")
+    p.add_argument("--seconds", default=",".join(map(str, DEFAULT_SECONDS)),
+                   help="comma-separated clip lengths (default 5,30,120,380; 380 s for medium only)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--dit-dtype", choices=("fp32", "fp16", "bf16"), help="default: fp32 on CPU, fp16 on GPU")
+    p.add_argument("--random-weights", action="store_true", help="full-size random weights in memory (no download)")
+    p.add_argument("--weights-dir", help="local weights folder (default: the Hugging Face cache)")
+    p.add_argument("--warmup", type=int, help="untimed runs before the timed one (default 1 on GPU, 0 on CPU)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print its JSON
+    args = p.parse_args(argv)
+
+    if args.cell:
+        spec = json.loads(args.cell)
+        print(json.dumps(run_cell(**spec)))
+        return 0
+
+    import mlx.core as mx
+
+    warmup = args.warmup if args.warmup is not None else (1 if mx.default_device().type == mx.DeviceType.gpu else 0)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    lengths = [float(s) for s in args.seconds.split(",") if s.strip()]
+    cells = [(m, s) for m in models for s in lengths if s < 300 or m == LONG_ONLY_FOR or len(lengths) == 1]
+    results, hw = [], hardware()
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=args.json, highlight=False, width=None if sys.stdout.isatty() else 140)
+    console.print(f"[dim]{' | '.join(f'{k} {v}' for k, v in hw.items())}[/dim]")
+    for model, seconds in cells:
+        spec = dict(model=model, seconds=seconds, steps=args.steps, random_weights=args.random_weights,
+                    weights_dir=args.weights_dir, dit_dtype=args.dit_dtype, warmup=warmup)
+        console.print(f"  running {model} {seconds:g} s ...", end="")
+        proc = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "bench", "--cell", json.dumps(spec)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            console.print(f" [red]{error}[/red]")
+            results.append(dict(model=model, seconds=seconds, error=error))
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        console.print(f" {results[-1]['wall_s']:.2f} s")
+
+    if args.json:
+        print(json.dumps({"hardware": hw, "results": results}, indent=2))
+        return 0
+    table = Table(box=None, padding=(0, 1))
+    for column in ("model", "seconds", "load", "text", "sampling", "ms/step", "decode", "wall", "x realtime", "peak mem"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in results:
+        if "error" in r:
+            table.add_row(r["model"], f"{r['seconds']:g}", "[red]failed[/red]", *[""] * 7)
+            continue
+        table.add_row(r["model"], f"{r['seconds']:g}", f"{r['load_s']:.2f} s", f"{r['text_s'] * 1000:.0f} ms",
+                      f"{r['sampling_s']:.2f} s", f"{r['ms_per_step']:.0f}", f"{r['decode_s']:.2f} s",
+                      f"{r['wall_s']:.2f} s", f"{r['realtime']:.1f}x", f"{r['peak_bytes'] / 1024**3:.2f} GB")
+    console.print(table)
+    return 0 if all("error" not in r for r in results) else 1
