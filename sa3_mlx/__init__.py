@@ -14,10 +14,12 @@ __version__ = "0.1.0"
 
 from pathlib import Path
 
-from .backend import load_fast_blas
+from .backend import exact_fp32, load_fast_blas
 
-# Before anything imports mlx: on Linux CPUs this makes MLX use OpenBLAS/MKL (~30x faster matmul).
+# Before anything imports mlx: on Linux CPUs MLX then uses OpenBLAS/MKL (~30x faster
+# matmul), and on NVIDIA GPUs fp32 stays fp32 instead of TF32.
 load_fast_blas()
+exact_fp32()
 
 
 def load(model: str = "sm-music", codec: str | None = None, weights_dir: str | Path | None = None, dit_dtype=None):

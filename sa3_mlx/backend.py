@@ -40,6 +40,14 @@ def candidates() -> list[str]:
     return [c.format(triplet=_triplet(), prefix=sys.prefix) for c in _CANDIDATES]
 
 
+def exact_fp32() -> None:
+    """Make fp32 mean fp32 on NVIDIA GPUs: MLX's CUDA backend otherwise runs fp32 matmuls
+    as TF32 (10-bit mantissa, ~3e-3 error on the reference cases). The codecs run in
+    fp32 because they cancel badly in lower precision; the DiT's speed comes from fp16.
+    ``MLX_ENABLE_TF32=1`` restores MLX's default."""
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+
 def load_fast_blas() -> str | None:
     """Load the first optimized BLAS found (Linux only); returns its path or None."""
     global _loaded, _reason
