@@ -78,7 +78,7 @@ def _random_tokenizer() -> bytes:
 
 
 def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weights_dir: str | None,
-             dit_dtype: str | None, warmup: int) -> dict:
+             dit_dtype: str | None, warmup: int, repeat: int = 1) -> dict:
     """One benchmark cell in this process; returns its measurements."""
     import mlx.core as mx
 
@@ -97,17 +97,21 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
     prompt = "warm analog synth arpeggio over a deep house groove, 124 BPM"
     for _ in range(warmup):  # compiles kernels / warms caches on GPUs
         pipe.generate(prompt, seconds=seconds, steps=steps, seed=0)
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    result = pipe.generate(prompt, seconds=seconds, steps=steps, seed=1)
-    wall = time.perf_counter() - t0
+    runs = []
+    for i in range(repeat):  # the run with the median wall time is reported
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        result = pipe.generate(prompt, seconds=seconds, steps=steps, seed=1 + i)
+        runs.append((time.perf_counter() - t0, result))
+    runs.sort(key=lambda run: run[0])
+    wall, result = runs[len(runs) // 2]
     stages = {s.name: s for s in result.stages}
     sampling = stages["sampling"].seconds
     return dict(
         model=model, seconds=seconds, steps=steps, load_s=load, text_s=stages["text encoding"].seconds,
         sampling_s=sampling, ms_per_step=1000 * sampling / steps, decode_s=stages["decoding"].seconds,
-        wall_s=wall, realtime=seconds / wall, peak_bytes=max(s.peak_bytes for s in result.stages),
-        dit_dtype=pipe.dtype_name, latents=result.settings["latents"],
+        wall_s=wall, realtime=seconds / wall, peak_bytes=max(s.peak_bytes for _, r in runs for s in r.stages),
+        dit_dtype=pipe.dtype_name, latents=result.settings["latents"], repeats=repeat,
     )
 
 
@@ -143,6 +147,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--random-weights", action="store_true", help="full-size random weights in memory (no download)")
     p.add_argument("--weights-dir", help="local weights folder (default: the Hugging Face cache)")
     p.add_argument("--warmup", type=int, help="untimed runs before the timed one (default 1 on GPU, 0 on CPU)")
+    p.add_argument("--repeat", type=int, help="timed runs per cell, the median is reported (default 5 on GPU, 1 on CPU)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print its JSON
     args = p.parse_args(argv)
@@ -154,7 +159,9 @@ def main(argv: list[str]) -> int:
 
     import mlx.core as mx
 
-    warmup = args.warmup if args.warmup is not None else (1 if mx.default_device().type == mx.DeviceType.gpu else 0)
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    warmup = args.warmup if args.warmup is not None else (1 if on_gpu else 0)
+    repeat = args.repeat if args.repeat is not None else (5 if on_gpu else 1)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     lengths = [float(s) for s in args.seconds.split(",") if s.strip()]
     cells = [(m, s) for m in models for s in lengths if s < 300 or m == LONG_ONLY_FOR or len(lengths) == 1]
@@ -166,7 +173,7 @@ def main(argv: list[str]) -> int:
     console.print(f"[dim]{' | '.join(f'{k} {v}' for k, v in hw.items())}[/dim]")
     for model, seconds in cells:
         spec = dict(model=model, seconds=seconds, steps=args.steps, random_weights=args.random_weights,
-                    weights_dir=args.weights_dir, dit_dtype=args.dit_dtype, warmup=warmup)
+                    weights_dir=args.weights_dir, dit_dtype=args.dit_dtype, warmup=warmup, repeat=repeat)
         console.print(f"  running {model} {seconds:g} s ...", end="")
         proc = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "bench", "--cell", json.dumps(spec)],
                               capture_output=True, text=True)
