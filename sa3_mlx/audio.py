@@ -1,17 +1,23 @@
-"""Reading and writing audio files: any format soundfile reads in, WAV/FLAC out.
+"""Reading and writing audio files, and loudness: any format soundfile reads in, WAV/FLAC out.
 
 Input is decoded by libsndfile (WAV of any bit depth, float, FLAC, OGG/Vorbis,
 Opus, AIFF, ...) and resampled to 44.1 kHz with soxr; no ffmpeg process. Output is
-written to a temporary file beside the target and renamed into place, so a crash,
-Ctrl-C or a full disk never leaves a half-written file, and the generation
-settings travel inside the file's metadata.
+encoded in memory, written to a temporary file beside the target and renamed into
+place, so a crash, Ctrl-C or a full disk never leaves a half-written file, and
+the generation settings travel inside the file's metadata.
+
+Loudness follows ITU-R BS.1770 (integrated, gated loudness via pyloudnorm; true
+peak from a 4x oversampled signal).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +34,17 @@ FORMATS = {
     "flac": ("FLAC", "PCM_24", ".flac"),
 }
 
+TRUE_PEAK_CEILING_DB = -1.0  # the usual streaming ceiling (EBU R128 / AES TD1004)
+TRUE_PEAK_OVERSAMPLING = 4  # BS.1770-4 Annex 2
+LIMITER_HALF_WINDOW_S = 0.01  # gain ramps over 10 ms before and after each peak
+MIN_LOUDNESS_SECONDS = 0.4  # one BS.1770 gating block
+
 
 class AudioError(ValueError):
     """An audio file that cannot be read or written; the message names it and the reason."""
+
+
+# ---- reading -------------------------------------------------------------------------
 
 
 def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -43,11 +57,13 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     import soxr
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise AudioError(f"{path}: no such file")
+    if not path.is_file():
+        raise AudioError(f"{path}: not a file")
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+    except (sf.SoundFileError, RuntimeError, TypeError, OSError) as e:
         raise AudioError(f"{path}: not a readable audio file ({e})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
@@ -66,21 +82,137 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return np.ascontiguousarray(data.T)
 
 
-def fit_length(audio: np.ndarray, n_samples: int) -> np.ndarray:
-    """Trim or zero-pad ``[channels, samples]`` audio to exactly ``n_samples``."""
-    audio = audio[:, :n_samples]
-    return np.pad(audio, ((0, 0), (0, n_samples - audio.shape[1])))
+# ---- levels and loudness ----------------------------------------------------------------
 
 
-def write_audio(
-    path: str | Path,
+def to_db(linear: float) -> float:
+    return 20.0 * math.log10(linear) if linear > 0 else -math.inf
+
+
+def sample_peak(audio: np.ndarray) -> float:
+    """Largest absolute sample value (1.0 = full scale)."""
+    return float(np.abs(audio).max()) if audio.size else 0.0
+
+
+def _peak_envelope(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Per sample, the largest absolute value of the 4x oversampled signal around it (all channels).
+
+    ``audio`` is ``[channels, samples]``; the result is ``[samples]`` float64.
+    """
+    import soxr
+
+    n = audio.shape[1]
+    factor = TRUE_PEAK_OVERSAMPLING
+    up = soxr.resample(audio.T.astype(np.float64), sample_rate, sample_rate * factor, quality="VHQ")
+    up = np.abs(up).max(axis=1)[: n * factor]
+    up = np.pad(up, (0, n * factor - up.shape[0]))
+    return np.maximum(up.reshape(n, factor).max(axis=1), np.abs(audio).max(axis=0))
+
+
+def true_peak(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
+    """BS.1770 true peak (linear) of ``[channels, samples]`` audio: the peak of the 4x oversampled signal."""
+    if audio.size == 0:
+        return 0.0
+    return float(_peak_envelope(audio, sample_rate).max())
+
+
+def limit_true_peak(
+    audio: np.ndarray, ceiling_db: float = TRUE_PEAK_CEILING_DB, sample_rate: int = SAMPLE_RATE
+) -> tuple[np.ndarray, float]:
+    """Lower the gain around peaks so the true peak stays at or below ``ceiling_db`` dBTP.
+
+    Returns the limited audio and the largest gain reduction in dB (0 when the
+    limiter did not engage). The gain is a look-ahead limiter's: per sample the
+    gain that would bring its oversampled peak to the ceiling, held for a window
+    (a running minimum) and then averaged over the same window, so the gain ramps
+    down smoothly before a peak, never exceeds what any sample needs, and ramps
+    back up after it. Both channels get the same gain (the stereo image stays).
+    """
+    from scipy.ndimage import minimum_filter1d, uniform_filter1d
+
+    ceiling = 10.0 ** (ceiling_db / 20.0)
+    envelope = _peak_envelope(audio, sample_rate)
+    needed = np.minimum(1.0, ceiling / np.maximum(envelope, 1e-12))
+    if needed.min() >= 1.0:
+        return audio, 0.0
+    width = 2 * int(round(LIMITER_HALF_WINDOW_S * sample_rate)) + 1
+    held = minimum_filter1d(needed, size=width, mode="nearest")
+    # Every value averaged here is <= needed[n]: each held value covers n in its window.
+    gain = np.minimum(uniform_filter1d(held, size=width, mode="nearest"), needed)
+    limited = (audio * gain[None, :]).astype(np.float32)
+    # Resampling a gain-modulated signal can overshoot by a hair: trim what is left.
+    peak = true_peak(limited, sample_rate)
+    if peak > ceiling:
+        limited = (limited * (ceiling / peak * 0.9995)).astype(np.float32)
+    return limited, -to_db(float(gain.min()))
+
+
+def integrated_loudness(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
+    """BS.1770 integrated (gated) loudness of ``[channels, samples]`` audio in LUFS (-inf for silence)."""
+    import pyloudnorm
+
+    if audio.shape[1] < MIN_LOUDNESS_SECONDS * sample_rate:
+        raise AudioError(
+            f"audio of {audio.shape[1] / sample_rate:.2f} s is too short to measure loudness "
+            f"(BS.1770 needs at least {MIN_LOUDNESS_SECONDS} s)"
+        )
+    with np.errstate(divide="ignore"):
+        return float(pyloudnorm.Meter(sample_rate).integrated_loudness(audio.T.astype(np.float64)))
+
+
+@dataclass
+class LoudnessResult:
+    audio: np.ndarray  # [channels, samples] float32
+    input_lufs: float  # measured before (-inf: silent, left unchanged)
+    output_lufs: float  # measured after gain and limiter
+    gain_db: float  # the normalising gain
+    limiter_db: float  # the limiter's largest gain reduction (0: not engaged)
+    true_peak_db: float  # of the result, dBTP
+
+
+def normalize_loudness(
     audio: np.ndarray,
+    target_lufs: float,
     sample_rate: int = SAMPLE_RATE,
-    fmt: str = "wav16",
-    metadata: dict | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``[channels, samples]`` float audio atomically; returns the final path.
+    ceiling_db: float = TRUE_PEAK_CEILING_DB,
+) -> LoudnessResult:
+    """Bring ``audio`` to ``target_lufs`` integrated loudness, then limit true peaks to ``ceiling_db``.
+
+    When the gain would push peaks past the ceiling the limiter lowers them, so
+    the result can end up slightly below the target; it never clips. Silent audio
+    is returned unchanged (there is no loudness to scale).
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    measured = integrated_loudness(audio, sample_rate)
+    if not math.isfinite(measured):
+        peak = to_db(true_peak(audio, sample_rate))
+        return LoudnessResult(audio, measured, measured, 0.0, 0.0, peak)
+    gain_db = target_lufs - measured
+    gained = (audio * 10.0 ** (gain_db / 20.0)).astype(np.float32)
+    limited, reduction = limit_true_peak(gained, ceiling_db, sample_rate)
+    return LoudnessResult(
+        limited, measured, integrated_loudness(limited, sample_rate), gain_db, reduction,
+        to_db(true_peak(limited, sample_rate)),
+    )
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail now, not after a long generation, when ``path``'s folder cannot take a new file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AudioError(f"{path}: cannot write there ({e.strerror or e}); choose another --out") from None
+
+
+def encode_audio(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, fmt: str = "wav16", metadata: dict | None = None) -> bytes:
+    """The bytes of a ``fmt`` file holding ``[channels, samples]`` float audio and ``metadata``.
 
     Integer formats clip at full scale (the caller reports the peak beforehand);
     ``wav32f`` keeps values beyond it. ``metadata`` is stored as JSON in the
@@ -91,44 +223,87 @@ def write_audio(
     if fmt not in FORMATS:
         raise AudioError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     container, subtype, _ = FORMATS[fmt]
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise AudioError(f"{path}: already exists (choose another --out, or pass --overwrite)")
     if not np.isfinite(audio).all():
         raise AudioError("refusing to write audio with NaN or infinite samples")
     data = np.asarray(audio, dtype=np.float32).T
     if subtype != "FLOAT":
         data = np.clip(data, -1.0, 1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", sample_rate, data.shape[1], subtype=subtype, format=container) as f:
+        if metadata is not None:
+            f.comment = json.dumps({METADATA_TAG: metadata}, separators=(",", ":"), ensure_ascii=False)
+            f.software = f"{METADATA_TAG} {metadata.get('version', '')}".strip()
+            if metadata.get("prompt"):
+                f.title = str(metadata["prompt"])[:200]
+        f.write(data)
+    return buffer.getvalue()
+
+
+def write_audio_files(
+    outputs: list[tuple[str | Path, np.ndarray, dict | None]],
+    sample_rate: int = SAMPLE_RATE,
+    fmt: str = "wav16",
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write several ``(path, audio, metadata)`` files all or nothing; returns the paths.
+
+    Every file is encoded in memory and written in full to a temporary file
+    beside its target first (so a full disk or Ctrl-C leaves nothing behind),
+    then all are renamed into place. An existing file is replaced only with
+    ``overwrite``.
+    """
+    targets = [Path(path) for path, _, _ in outputs]
+    for path in targets:
+        if path.exists() and not overwrite:
+            raise AudioError(f"{path}: already exists (choose another --out, or pass --overwrite)")
+    temporaries: list[str] = []
     try:
-        with sf.SoundFile(tmp, "w", sample_rate, data.shape[1], subtype=subtype, format=container) as f:
-            if metadata is not None:
-                f.comment = json.dumps({METADATA_TAG: metadata}, separators=(",", ":"), ensure_ascii=False)
-                f.software = f"{METADATA_TAG} {metadata.get('version', '')}".strip()
-                if metadata.get("prompt"):
-                    f.title = str(metadata["prompt"])[:200]
-            f.write(data)
-        if not overwrite and path.exists():
-            raise AudioError(f"{path}: appeared while writing; not overwriting it")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise AudioError(f"{path}: could not be written ({e.strerror or e})") from None
+        for path, (_, audio, metadata) in zip(targets, outputs):
+            data = encode_audio(audio, sample_rate, fmt, metadata)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+                temporaries.append(tmp)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise AudioError(f"{path}: could not be written ({e.strerror or e})") from None
+        for path, tmp in zip(targets, temporaries):
+            if not overwrite and path.exists():
+                raise AudioError(f"{path}: appeared while writing; not overwriting it")
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        for tmp in temporaries:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return targets
+
+
+def write_audio(
+    path: str | Path,
+    audio: np.ndarray,
+    sample_rate: int = SAMPLE_RATE,
+    fmt: str = "wav16",
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``[channels, samples]`` float audio atomically (see :func:`write_audio_files`)."""
+    return write_audio_files([(path, audio, metadata)], sample_rate, fmt, overwrite)[0]
 
 
 def read_metadata(path: str | Path) -> dict | None:
     """The settings stored by :func:`write_audio`, or None when the file has none."""
     import soundfile as sf
 
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
     try:
         with sf.SoundFile(str(path)) as f:
             comment = f.comment
-    except (sf.LibsndfileError, RuntimeError) as e:
+    except (sf.SoundFileError, RuntimeError, OSError) as e:
         raise AudioError(f"{path}: not a readable audio file ({e})") from None
     try:
         return json.loads(comment)[METADATA_TAG]

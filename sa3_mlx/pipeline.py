@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import codec, hub
 from .conditioning import Conditioner, load_conditioner
-from .models.dit import DiT, load_dit
+from .models.dit import DiT, DiTConditioning, load_dit
 from .models.same import load_same
 from .models.t5gemma import load_t5gemma
 from .sampling import Guidance, apply_guidance, paste_back, pingpong_schedule, sample_pingpong, seeded_step_noise
@@ -119,6 +120,8 @@ class Pipeline:
         self.progress = progress
         on_gpu = mx.default_device().type == mx.DeviceType.gpu
         self.dit_dtype = dit_dtype or (mx.float16 if on_gpu else mx.float32)
+        # mx.compile fuses each sampler step into one graph: a large win on GPUs, none on CPUs.
+        self.compile_steps = {"0": False, "1": True}.get(os.environ.get("SA3_COMPILE", ""), on_gpu)
         self._text = None  # (encoder, tokenizer)
         self._dit: DiT | None = None
         self._conditioner: Conditioner | None = None
@@ -256,20 +259,35 @@ class Pipeline:
         def expand(a: mx.array | None) -> mx.array | None:
             return None if a is None else mx.broadcast_to(a, (batch, *a.shape[1:]))
 
-        cond = dit.condition(expand(cross), expand(global_cond), local_cond)
+        def as_inputs(c: DiTConditioning) -> tuple:
+            return (c.context_kv, c.global_embed, c.local_embeds)
+
+        cond = as_inputs(dit.condition(expand(cross), expand(global_cond), local_cond))
         if uncond is not None:
-            pair = dit.condition(
+            pair = as_inputs(dit.condition(
                 mx.concatenate([expand(cross), expand(uncond)]),
                 mx.concatenate([expand(global_cond)] * 2),
                 None if local_cond is None else mx.concatenate([expand(local_cond)] * 2),
-            )
+            ))
+
+        # The conditioning goes in as a tuple of arrays (what mx.compile accepts as inputs).
+        def predict(x: mx.array, t: mx.array, cond: tuple) -> mx.array:
+            context_kv, global_embed, local_embeds = cond
+            step_cond = DiTConditioning(None, context_kv, global_embed, local_embeds)
+            return dit.predict(x, dit.embed_timestep(dit.timestep_features(t)), step_cond)
+
+        def guided(x: mx.array, t: mx.array, pair: tuple) -> mx.array:
+            v = predict(mx.concatenate([x, x]), mx.concatenate([t, t]), pair)
+            return apply_guidance(x, t, v[:batch], v[batch:], guidance)
+
+        if self.compile_steps:
+            # One fused graph per step; the conditioning is an input, so it is traced once per shape.
+            predict, guided = mx.compile(predict), mx.compile(guided)
 
         def velocity(x: mx.array, t: mx.array) -> mx.array:
             if uncond is None or not guidance.active_at(float(t[0])):
-                return dit.predict(x, dit.embed_timestep(dit.timestep_features(t)), cond)
-            t2 = mx.concatenate([t, t])
-            v = dit.predict(mx.concatenate([x, x]), dit.embed_timestep(dit.timestep_features(t2)), pair)
-            return apply_guidance(x, t, v[:batch], v[batch:], guidance)
+                return predict(x, t, cond)
+            return guided(x, t, pair)
 
         steps = sigmas.shape[0] - 1
         x = noise.astype(self.dit_dtype)

@@ -1,18 +1,25 @@
 """What a person sees in the terminal: banner, stage lines, progress bar, memory table.
 
 Everything goes through a ``Display``; when stdout is not a terminal it stays
-silent (the caller prints only the output paths or the JSON summary).
+silent (the caller prints only the output paths or the JSON summary). Text that
+comes from the user (prompts, paths) is escaped, so brackets in it are not taken
+for rich markup.
 """
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 
 def fmt_bytes(n: int) -> str:
-    return f"{n / 1024**3:.2f} GB" if n >= 1024**3 else f"{n / 1024**2:.0f} MB"
+    if n >= 1024**3:
+        return f"{n / 1024**3:.2f} GB"
+    return f"{n / 1024**2:.0f} MB" if n >= 1024**2 else f"{n / 1024:.0f} KB"
 
 
 class Display:
@@ -25,22 +32,18 @@ class Display:
     def banner(self, title: str, rows: list[tuple[str, str]]) -> None:
         if not self.enabled:
             return
-        self.console.rule(f"[bold]{title}")
+        self.console.rule(f"[bold]{escape(title)}")
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
-            self.console.print(f"  [dim]{key:>{width}}[/dim]  {value}")
+            self.console.print(f"  [dim]{key:>{width}}[/dim]  {escape(value)}")
         self.console.print()
 
-    def note(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(f"  [dim]{text}[/dim]")
-
     def warn(self, text: str) -> None:
-        # Warnings matter even when quiet: they go to stderr then.
+        # Warnings matter even when quiet: they go to stderr then, one plain line each.
         if self.enabled:
-            self.console.print(f"  [yellow]warning:[/yellow] {text}")
+            self.console.print(f"  [yellow]warning:[/yellow] {escape(text)}")
         else:
-            Console(stderr=True, highlight=False).print(f"warning: {text}")
+            print(f"warning: {text}", file=sys.stderr)
 
     def stage_done(self, stage) -> None:
         """One line per pipeline stage as it ends (the sampling bar is cleared first)."""
@@ -81,7 +84,8 @@ class Display:
         self.console.print()
         self.console.print(table)
 
-    def done(self, wall: float, audio_seconds: float, peak: int, seed: int, paths: list[str]) -> None:
+    def done(self, wall: float, audio_seconds: float, peak: int, seed: int, saved: list[tuple[str, str]]) -> None:
+        """The final line (wall time, x realtime, peak memory, seed) and one ``▸ saved`` line per file."""
         if not self.enabled:
             return
         self.console.print()
@@ -89,8 +93,8 @@ class Display:
         speed = audio_seconds / wall if wall > 0 else float("inf")
         self.console.print(
             f"  [bold green]done[/bold green]  [bold]{wall:.2f} s[/bold] wall -> {audio_seconds:.1f} s audio"
-            f" -> [bold yellow]{speed:.2f}x realtime[/bold yellow]   [dim]peak {fmt_bytes(peak)}   seed {seed}[/dim]"
+            f" -> [bold yellow]{speed:.2f}x realtime[/bold yellow]   [dim]peak memory {fmt_bytes(peak)}   seed {seed}[/dim]"
         )
-        for path in paths:
-            self.console.print(f"  [bold green]▸ saved[/bold green]  [bold]{path}[/bold]")
+        for path, levels in saved:
+            self.console.print(f"  [bold green]▸ saved[/bold green]  [bold]{escape(path)}[/bold]   [dim]{levels}[/dim]")
         self.console.rule()

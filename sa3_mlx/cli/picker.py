@@ -14,6 +14,8 @@ def _numbered(title: str, options: list[str], default: str) -> str:
         sys.stderr.write(f"Choose 1-{len(options)} (Enter = {default}): ")
         sys.stderr.flush()
         line = sys.stdin.readline()
+        if not sys.stdin.isatty():  # input that is not typed is not echoed: show it
+            sys.stderr.write(line if line.endswith("\n") else line + "\n")
         if not line:  # end of input: take the default rather than loop forever
             return default
         answer = line.strip()
@@ -26,17 +28,14 @@ def _numbered(title: str, options: list[str], default: str) -> str:
         print(f"  '{answer}' is not one of the choices", file=sys.stderr)
 
 
-def _arrows(title: str, options: list[str], default: str) -> str:
-    import termios
-    import tty
-
+def _arrows(title: str, options: list[str], default: str, termios, tty) -> str:
     index = options.index(default)
     fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd)
+    saved = termios.tcgetattr(fd)  # raises on a stream that is not a real terminal
     out = sys.stderr
-    out.write(f"{title}  (arrows to move, Enter to choose)\n" + "\n" * len(options))
     try:
         tty.setcbreak(fd)
+        out.write(f"{title}  (arrows to move, Enter to choose)\n" + "\n" * len(options))
         while True:
             out.write(f"\x1b[{len(options)}A")
             for i, option in enumerate(options):
@@ -54,6 +53,8 @@ def _arrows(title: str, options: list[str], default: str) -> str:
                 return options[index]
             elif key == "\x03":
                 raise KeyboardInterrupt
+            elif key == "":  # the terminal went away
+                return options[index]
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
@@ -62,7 +63,12 @@ def pick(title: str, options: list[str], default: str) -> str:
     """One of ``options``; arrow keys where a terminal and termios exist, else a numbered prompt."""
     if sys.stdin.isatty() and sys.stderr.isatty():
         try:
-            return _arrows(title, options, default)
-        except (ImportError, OSError):
-            pass  # no termios (Windows) or not a real terminal
+            import termios
+            import tty
+        except ImportError:  # Windows, or a Python built without termios
+            return _numbered(title, options, default)
+        try:
+            return _arrows(title, options, default, termios, tty)
+        except (OSError, termios.error):
+            pass  # not a terminal termios can drive
     return _numbered(title, options, default)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 from .. import __version__, hub
-from ..audio import read_metadata
+from ..audio import AudioError, read_metadata
+from .display import fmt_bytes
+from .parsing import Parser
 
 
 def download(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sa3 download", description="Fetch model weights into the Hugging Face cache.")
+    p = Parser(prog="sa3 download", description="Fetch model weights into the Hugging Face cache.")
     p.add_argument("model", nargs="?", default="all", choices=[*hub.MODELS, "all"],
                    help="which bundle (default all): text encoder, DiT and its codec (encoder and decoder)")
     args = p.parse_args(argv)
@@ -46,8 +48,18 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def _backend(mx) -> str:
+    """Which MLX backend this build has: Metal, CUDA or CPU only."""
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)  # MLX builds before the CUDA backend have no mx.cuda
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def doctor(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sa3 doctor", description="Report platform, MLX backend, BLAS and weights.")
+    p = Parser(prog="sa3 doctor", description="Report platform, MLX backend, BLAS and weights.")
     p.add_argument("--weights-dir", type=Path, help="also check this local weights folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
@@ -59,6 +71,7 @@ def doctor(argv: list[str]) -> int:
     report: dict = {"sa3-mlx": __version__, "python": platform.python_version(),
                     "platform": f"{platform.system()} {platform.machine()}", "mlx": mx.__version__}
     device = mx.default_device()
+    report["backend"] = _backend(mx)
     report["device"] = str(device)
     try:
         report["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
@@ -89,7 +102,7 @@ def doctor(argv: list[str]) -> int:
     from rich.table import Table
 
     console = Console(highlight=False)
-    for key in ("sa3-mlx", "python", "platform", "mlx", "device", "blas"):
+    for key in ("sa3-mlx", "python", "platform", "mlx", "backend", "device", "blas"):
         if key in report:
             console.print(f"  [dim]{key:>10}[/dim]  {report[key]}")
     if "device_info" in report:
@@ -104,28 +117,51 @@ def doctor(argv: list[str]) -> int:
     table.add_column("where", style="dim")
     for name, info in weights.items():
         if info:
-            table.add_row(name, f"{info['bytes'] / 1024**2:.0f} MB", info["path"])
+            table.add_row(name, fmt_bytes(info["bytes"]), info["path"])
         else:
             table.add_row(name, "[yellow]missing[/yellow]", "sa3 download")
     console.print(table)
     return 0
 
 
+def reproduce_command(meta: dict) -> str:
+    """The ``sa3`` command line that generates this file again (same seed, same settings)."""
+    words = ["sa3", "--prompt", meta["prompt"]]
+    if meta.get("negative_prompt") is not None:
+        words += ["--negative-prompt", meta["negative_prompt"]]
+    words += ["--dit", meta["model"], "--decoder", meta["codec"], "--seconds", repr(meta["seconds"]),
+              "--steps", str(meta["steps"]), "--seed", str(meta["seed"]), "--cfg", repr(meta["cfg"]),
+              "--apg", repr(meta["apg"]), "--dit-dtype", meta["dit_dtype"]]
+    if meta.get("init_audio"):
+        words += ["--init-audio", meta["init_audio"]]
+        words += [w for start, end in meta.get("inpaint", []) for w in ("--inpaint-range", f"{start!r},{end!r}")]
+    words += ["--init-noise-level", repr(meta["init_noise_level"])]
+    if meta.get("loudness") is not None:
+        words += ["--loudness", repr(meta["loudness"])]
+    if meta.get("format"):
+        words += ["--format", meta["format"]]
+    return shlex.join(words)
+
+
 def info(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sa3 info", description="Print the settings stored in a generated file.")
+    p = Parser(prog="sa3 info", description="Print the settings stored in a generated file, "
+               "and the command that generates it again.")
     p.add_argument("file", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the settings as JSON")
     args = p.parse_args(argv)
     meta = read_metadata(args.file)
     if meta is None:
-        print(f"{args.file}: no sa3-mlx settings in this file", file=sys.stderr)
-        return 1
+        raise AudioError(f"{args.file}: no sa3-mlx settings in this file (not made by sa3, or its metadata was stripped)")
     if args.json:
         print(json.dumps(meta, indent=2, ensure_ascii=False))
-    else:
-        width = max(map(len, meta))
-        for key, value in meta.items():
-            print(f"{key:>{width}}  {value}")
+        return 0
+    width = max(map(len, [*meta, "command"]))
+    for key, value in meta.items():
+        print(f"{key:>{width}}  {value}")
+    try:
+        print(f"{'command':>{width}}  {reproduce_command(meta)}")
+    except (KeyError, TypeError):  # written by an older version without every setting
+        pass
     return 0
 
 
