@@ -26,6 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import fastmath
+
 
 def silu_mlp(in_dims: int, hidden_dims: int, out_dims: int, bias: bool) -> list[nn.Module]:
     """``[Linear, SiLU, Linear]`` as a list, so parameters are named ``0.*`` and ``2.*``.
@@ -49,7 +51,7 @@ class GLU(nn.Module):
     The value half comes first, as in upstream ``GLU`` (``x, gate = x.chunk(2)``).
     """
 
-    def __init__(self, in_dims: int, out_dims: int, activation: Callable[[mx.array], mx.array] = nn.silu):
+    def __init__(self, in_dims: int, out_dims: int, activation: Callable[[mx.array], mx.array] = fastmath.silu):
         super().__init__()
         self.proj = nn.Linear(in_dims, 2 * out_dims)
         self.activation = activation
@@ -67,7 +69,7 @@ class FeedForward(nn.Module):
     rearrange slot upstream uses only for its convolutional variant.
     """
 
-    def __init__(self, dims: int, inner_dims: int, activation: Callable[[mx.array], mx.array] = nn.silu):
+    def __init__(self, dims: int, inner_dims: int, activation: Callable[[mx.array], mx.array] = fastmath.silu):
         super().__init__()
         self.ff = [GLU(dims, inner_dims, activation), nn.Identity(), nn.Linear(inner_dims, dims)]
 
@@ -97,8 +99,8 @@ def differential_attention(
     per-head norm after the subtraction (the Differential Transformer paper has
     both; the Stable Audio 3 checkpoints have neither).
     """
-    main = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    diff = mx.fast.scaled_dot_product_attention(q_diff, k_diff, v, scale=scale)
+    main = fastmath.attention(q, k, v, scale)
+    diff = fastmath.attention(q_diff, k_diff, v, scale)
     return main - diff
 
 
@@ -188,7 +190,7 @@ class Attention(nn.Module):
         if self.differential:
             out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale)
         else:
-            out = mx.fast.scaled_dot_product_attention(queries[0], keys[0], values, scale=self.scale)
+            out = fastmath.attention(queries[0], keys[0], values, self.scale)
         return self.to_out(merge_heads(out))
 
     def _rope(self, x: mx.array) -> mx.array:

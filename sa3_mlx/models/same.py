@@ -35,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import fastmath
 from ..weights import NpzWeights, WeightError, count_indexed, load_strict, require, shape_of
 from .layers import merge_heads, split_heads
 
@@ -306,7 +307,7 @@ class DyT(nn.Module):
         self.beta = mx.zeros((dims,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.gamma * mx.tanh(self.alpha * x) + self.beta
+        return self.gamma * fastmath.tanh(self.alpha * x) + self.beta
 
 
 def banded_attention(
@@ -337,7 +338,7 @@ def banded_attention(
         & (key_pos < N)
     )
     scores = mx.where(visible, scores, -mx.inf)
-    weights = mx.softmax(scores, axis=-1, precise=True)
+    weights = fastmath.softmax(scores, axis=-1)
     return (weights @ neighbourhoods(v)).reshape(B, H, N, D)
 
 
@@ -369,7 +370,7 @@ class SAMEAttention(nn.Module):
         queries = self._rope(self.q_norm(queries))
         keys = self._rope(self.k_norm(keys))
         if window is None:
-            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale)
+            out = fastmath.attention(queries, keys, values, self.scale)
         else:
             out = banded_attention(queries, keys, values, self.group, window, self.scale)
         main, diff = mx.split(out, 2, axis=1)
@@ -387,7 +388,7 @@ class SAMEFeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         value, gate = mx.split(self.glu_proj(x), 2, axis=-1)
-        gate = mx.sin(math.pi * gate) if self.sin_gate else nn.silu(gate)
+        gate = fastmath.sin(math.pi * gate) if self.sin_gate else fastmath.silu(gate)
         return self.proj_out(value * gate)
 
 
