@@ -39,7 +39,7 @@ DEFAULT_SECONDS = (5, 30, 120, 380)
 LONG_ONLY_FOR = "medium"  # the official matrix runs 380 s for the medium model only
 
 
-def random_pipeline(model: str, dit_dtype=None):
+def random_pipeline(model: str, dit_dtype=None, codec_dtype=None):
     """A Pipeline of the released architecture with random weights, nothing read from disk."""
     import mlx.core as mx
 
@@ -50,7 +50,7 @@ def random_pipeline(model: str, dit_dtype=None):
     from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, Tokenizer
     from .pipeline import Pipeline
 
-    pipe = Pipeline(model, dit_dtype=dit_dtype, progress=False)
+    pipe = Pipeline(model, dit_dtype=dit_dtype, codec_dtype=codec_dtype, progress=False)
     encoder = T5GemmaEncoder(T5GemmaConfig(**RELEASED_T5GEMMA))
     pipe._text = (encoder, Tokenizer(_random_tokenizer(), pad_id=0))
     pipe._dit = DiT(DiTConfig(**RELEASED_DIT[model]))
@@ -60,6 +60,7 @@ def random_pipeline(model: str, dit_dtype=None):
     pipe._decoder = SAMEDecoder(
         SAMEConfig(role="decoder", latent_dim=256, io_channels=512, mapping_kernel=3 if same["family"] == "s" else 1, **same)
     )
+    pipe._decoder.set_dtype(pipe.codec_dtype)
     for module in (encoder, pipe._dit, pipe._conditioner, pipe._decoder):
         mx.eval(module.parameters())
     return pipe
@@ -78,18 +79,19 @@ def _random_tokenizer() -> bytes:
 
 
 def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weights_dir: str | None,
-             dit_dtype: str | None, warmup: int, repeat: int = 1) -> dict:
+             dit_dtype: str | None, warmup: int, repeat: int = 1, codec_dtype: str | None = None) -> dict:
     """One benchmark cell in this process; returns its measurements."""
     import mlx.core as mx
 
     from .pipeline import Pipeline
 
-    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}.get(dit_dtype or "")
+    dtypes = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
+    dtype, codec_dt = dtypes.get(dit_dtype or ""), dtypes.get(codec_dtype or "")
     t0 = time.perf_counter()
     if random_weights:
-        pipe = random_pipeline(model, dtype)
+        pipe = random_pipeline(model, dtype, codec_dt)
     else:
-        pipe = Pipeline(model, weights_dir=weights_dir, dit_dtype=dtype, progress=False)
+        pipe = Pipeline(model, weights_dir=weights_dir, dit_dtype=dtype, codec_dtype=codec_dt, progress=False)
         pipe.fetch()
         _ = pipe.text, pipe.dit, pipe.decoder
     mx.synchronize()
@@ -111,7 +113,7 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
         model=model, seconds=seconds, steps=steps, load_s=load, text_s=stages["text encoding"].seconds,
         sampling_s=sampling, ms_per_step=1000 * sampling / steps, decode_s=stages["decoding"].seconds,
         wall_s=wall, realtime=seconds / wall, peak_bytes=max(s.peak_bytes for _, r in runs for s in r.stages),
-        dit_dtype=pipe.dtype_name, latents=result.settings["latents"], repeats=repeat,
+        dit_dtype=pipe.dtype_name, codec_dtype=pipe.codec_dtype_name, latents=result.settings["latents"], repeats=repeat,
     )
 
 
@@ -144,6 +146,8 @@ def main(argv: list[str]) -> int:
                    help="comma-separated clip lengths (default 5,30,120,380; 380 s for medium only)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--dit-dtype", choices=("fp32", "fp16", "bf16"), help="default: fp32 on CPU, fp16 on GPU")
+    p.add_argument("--codec-dtype", choices=("fp32", "fp16", "bf16"),
+                   help="codec precision (default fp32; fp16 for SAME-L on GPU)")
     p.add_argument("--random-weights", action="store_true", help="full-size random weights in memory (no download)")
     p.add_argument("--weights-dir", help="local weights folder (default: the Hugging Face cache)")
     p.add_argument("--warmup", type=int, help="untimed runs before the timed one (default 1 on GPU, 0 on CPU)")
@@ -173,7 +177,7 @@ def main(argv: list[str]) -> int:
     console.print(f"[dim]{' | '.join(f'{k} {v}' for k, v in hw.items())}[/dim]")
     for model, seconds in cells:
         spec = dict(model=model, seconds=seconds, steps=args.steps, random_weights=args.random_weights,
-                    weights_dir=args.weights_dir, dit_dtype=args.dit_dtype, warmup=warmup, repeat=repeat)
+                    weights_dir=args.weights_dir, dit_dtype=args.dit_dtype, warmup=warmup, repeat=repeat, codec_dtype=args.codec_dtype)
         console.print(f"  running {model} {seconds:g} s ...", end="")
         proc = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "bench", "--cell", json.dumps(spec)],
                               capture_output=True, text=True)

@@ -34,12 +34,15 @@ class ConditionerConfig:
     seconds_max: float = 384.0
 
     @classmethod
-    def from_weights(cls, weights: Mapping, file: str) -> "ConditionerConfig":
+    def from_weights(
+        cls, weights: Mapping, file: str, seconds_range: tuple[float, float] = (0.0, 384.0)
+    ) -> "ConditionerConfig":
         key = "seconds_total_weight"
         if key not in weights:
             raise WeightError(f"{file}: missing key '{COND_PREFIX}{key}'")
         cond_dim, features = (int(s) for s in shape_of(weights, key))
-        return cls(cond_dim=cond_dim, seconds_features=features)
+        return cls(cond_dim=cond_dim, seconds_features=features,
+                   seconds_min=float(seconds_range[0]), seconds_max=float(seconds_range[1]))
 
 
 class Conditioner(nn.Module):
@@ -85,10 +88,16 @@ class Conditioner(nn.Module):
         return cross, seconds_token[:, 0, :]
 
 
-def load_conditioner(cond_weights: Mapping, file: str) -> Conditioner:
-    """Strictly load the ``cond.*`` tensors (keys given without the prefix), in float32."""
+def load_conditioner(
+    cond_weights: Mapping, file: str, seconds_range: tuple[float, float] = (0.0, 384.0)
+) -> Conditioner:
+    """Strictly load the ``cond.*`` tensors (keys given without the prefix), in float32.
+
+    ``seconds_range`` is the NumberConditioner's ``(min_val, max_val)`` (the official
+    files do not store it; the released models use 0..384 s).
+    """
     weights = WeightDict(cond_weights, name=file)
-    conditioner = Conditioner(ConditionerConfig.from_weights(weights, file))
+    conditioner = Conditioner(ConditionerConfig.from_weights(weights, file, seconds_range))
     # Report keys with their full file name so errors point at the real key.
     try:
         load_strict(conditioner, weights, file, dtype=mx.float32)

@@ -18,17 +18,20 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import codec, hub
+from . import codec, hub, upstream
 from .conditioning import Conditioner, load_conditioner
+from .lora import LoraStack
 from .models.dit import DiT, DiTConditioning, load_dit
 from .models.same import load_same
 from .models.t5gemma import load_t5gemma
-from .sampling import Guidance, apply_guidance, paste_back, pingpong_schedule, sample_pingpong, seeded_step_noise
+from .sampling import SAMPLERS, Guidance, apply_guidance, build_schedule, paste_back, seeded_step_noise
+from .weights import NpzWeights, WeightDict
 
 SAMPLE_RATE = codec.SAMPLE_RATE
 SAMPLES_PER_LATENT = codec.SAMPLES_PER_LATENT
 PROMPT_TOKENS = 256  # the official MLX/TensorRT runners' T5 length: 256 tokens + 1 seconds token
-MIN_NOISE_LEVEL = 0.01  # below this the schedule collapses and the model is undefined
+MIN_NOISE_LEVEL = 0.01
+DTYPE_NAMES = {mx.float32: "fp32", mx.float16: "fp16", mx.bfloat16: "bf16"}  # below this the schedule collapses and the model is undefined
 
 
 def latent_length(seconds: float, codec_name: str) -> int:
@@ -94,14 +97,32 @@ def _free() -> None:
     mx.clear_cache()
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Recommended sampling settings of a generator."""
+
+    steps: int
+    cfg: float
+    sampler: str  # a key of sampling.SAMPLERS
+
+
+# The official MLX bundles are the distilled (rf_denoiser) generators.
+DISTILLED_DEFAULTS = ModelDefaults(steps=8, cfg=1.0, sampler="pingpong")
+
+
 class Pipeline:
     """Stable Audio 3 text-to-audio, audio-to-audio and inpainting with resident models.
 
-    ``model`` is one of ``hub.MODELS`` (``sm-music``, ``sm-sfx``, ``medium``);
-    ``codec`` defaults to the one it was trained with. Files come from
-    ``weights_dir`` when given, otherwise from the Hugging Face cache (downloaded
-    on first use). ``dit_dtype`` defaults to float32 on the CPU (MLX's half-precision
-    matmul is slow there) and float16 on a GPU.
+    ``model`` is one of ``hub.MODELS`` (``sm-music``, ``sm-sfx``, ``medium``: the
+    official MLX files) or an original PyTorch release (a Hugging Face repo id such as
+    ``stabilityai/stable-audio-3-small-music``, or a local folder with
+    ``model_config.json``; see :mod:`sa3_mlx.upstream`). ``codec`` defaults to the one
+    it was trained with. Files come from ``weights_dir`` when given, otherwise from
+    the Hugging Face cache (downloaded on first use). ``dit_dtype`` defaults to
+    float32 on the CPU (MLX's half-precision matmul is slow there) and float16 on a
+    GPU. ``loras``: ``"FILE[:STRENGTH]"`` (or ``(path, strength)``) adapters in the
+    upstream format, stacked in order and merged into the DiT
+    (:meth:`set_lora_strength` changes strengths later).
     """
 
     def __init__(
@@ -110,16 +131,40 @@ class Pipeline:
         codec_name: str | None = None,
         weights_dir: str | Path | None = None,
         dit_dtype: mx.Dtype | None = None,
+        codec_dtype: mx.Dtype | None = None,
         progress: bool = True,
+        loras: Sequence = (),
     ):
+        self.upstream: upstream.UpstreamModel | None = None
+        self.defaults = DISTILLED_DEFAULTS
         if model not in hub.MODELS:
-            raise ValueError(f"unknown model {model!r} (choose from {', '.join(hub.MODELS)})")
+            if not upstream.is_upstream_source(model):
+                raise ValueError(
+                    f"unknown model {model!r} (choose from {', '.join(hub.MODELS)}, or give a Hugging Face "
+                    "repo id or a folder with model_config.json)"
+                )
+            self.upstream = upstream.load(model, progress=progress)
+            if not self.upstream.is_generator:
+                raise ValueError(f"{model} is a codec (model_type 'autoencoder'), not a generator")
+            own_codec = self.upstream.codec.name
+            if codec_name is not None and codec_name != own_codec:
+                raise ValueError(f"{model} carries its own codec ({own_codec}); another one cannot be chosen")
+            spec = self.upstream.sampling
+            self.defaults = ModelDefaults(spec.default_steps, spec.default_cfg, spec.default_sampler)
+            model = str(model)
         self.model_name = model
-        self.codec_name = codec_name or hub.MODELS[model].codec
+        self.codec_name = codec_name or (self.upstream.codec.name if self.upstream else hub.MODELS[model].codec)
+        self.loras = LoraStack.from_specs(loras)
+        self._dit_base: dict | None = None  # unmerged official DiT weights, kept while LoRAs are in use
         self.weights_dir = weights_dir
         self.progress = progress
         on_gpu = mx.default_device().type == mx.DeviceType.gpu
         self.dit_dtype = dit_dtype or (mx.float16 if on_gpu else mx.float32)
+        # Codecs: fp32, except SAME-L on a GPU, which runs fp16 (69 dB PSNR against fp32 on the
+        # reference case, 4.8x faster on an H100; the official runner also reports SAME-L fine
+        # in fp16). SAME-S stays fp32: its differential attention cancels in fp16 with the
+        # real weights (official runner), and it is cheap anyway.
+        self.codec_dtype = codec_dtype or (mx.float16 if on_gpu and self.codec_name == "same-l" else mx.float32)
         # mx.compile fuses each sampler step into one graph: a large win on GPUs, none on CPUs.
         self.compile_steps = {"0": False, "1": True}.get(os.environ.get("SA3_COMPILE", ""), on_gpu)
         self._text = None  # (encoder, tokenizer)
@@ -136,19 +181,54 @@ class Pipeline:
 
     def fetch(self, encoder: bool = False) -> list[Path]:
         """Make sure every file a run needs is local (downloads before any clock starts)."""
+        if self.upstream is not None:
+            return []  # fetched when the model was opened
         return [self._path(f) for f in hub.files_for(self.model_name, self.codec_name, encoder)]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """T5 sequence length: the model config's ``max_length``, or the official runners' 256."""
+        return self.upstream.text.max_length if self.upstream is not None else PROMPT_TOKENS
 
     @property
     def text(self):
         if self._text is None:
-            encoder, tokenizer, _ = load_t5gemma(self._path(hub.T5GEMMA_FILE), dtype=mx.float32)
-            self._text = (encoder, tokenizer)
+            if self.upstream is not None:
+                self._text = self.upstream.load_text(dtype=mx.float32)
+            else:
+                encoder, tokenizer, _ = load_t5gemma(self._path(hub.T5GEMMA_FILE), dtype=mx.float32)
+                self._text = (encoder, tokenizer)
         return self._text
 
     def _load_dit(self) -> None:
+        if self.upstream is not None:
+            weights = self.loras.apply(self.upstream.dit_weights) if self.loras.files else None
+            self._dit, self._conditioner = self.upstream.load_dit(self.dit_dtype, weights)
+            return
         path = self._path(hub.MODELS[self.model_name].dit_file)
-        self._dit, _, cond_weights = load_dit(path, dtype=self.dit_dtype)
+        if not self.loras.files:
+            self._dit, _, cond_weights = load_dit(path, dtype=self.dit_dtype)
+        else:
+            # Merging needs the stored (unquantized) tensors; kept so strengths can change.
+            if self._dit_base is None:
+                npz = NpzWeights(path)
+                self._dit_base = {k: npz[k] for k in npz}
+                npz.close()
+            merged = WeightDict(self.loras.apply(self._dit_base), path.name)
+            self._dit, _, cond_weights = load_dit(merged, dtype=self.dit_dtype)
         self._conditioner = load_conditioner(cond_weights, path.name)
+
+    def set_lora_strength(self, strength: float, index: int | None = None) -> None:
+        """Strength of every LoRA (``index`` None) or of one; the DiT is re-merged on next use.
+
+        The base weights stay in memory, so only the merge and the DiT build are redone.
+        """
+        if not self.loras.files:
+            raise ValueError("no LoRA is loaded")
+        if index is not None and not 0 <= index < len(self.loras.files):
+            raise ValueError(f"LoRA index {index} out of range (0..{len(self.loras.files) - 1})")
+        self.loras.set_strength(strength, index)
+        self._dit = self._conditioner = None
 
     @property
     def dit(self) -> DiT:
@@ -164,14 +244,22 @@ class Pipeline:
 
     @property
     def decoder(self):
+        if self._decoder is None and self.upstream is not None:
+            self._decoder = self.upstream.load_codec("decoder", dtype=self.codec_dtype)
         if self._decoder is None:
-            self._decoder = load_same(self._path(hub.codec_file(self.codec_name, "decoder")), role="decoder")
+            self._decoder = load_same(
+                self._path(hub.codec_file(self.codec_name, "decoder")), role="decoder", dtype=self.codec_dtype
+            )
         return self._decoder
 
     @property
     def encoder(self):
+        if self._encoder is None and self.upstream is not None:
+            self._encoder = self.upstream.load_codec("encoder", dtype=self.codec_dtype)
         if self._encoder is None:
-            self._encoder = load_same(self._path(hub.codec_file(self.codec_name, "encoder")), role="encoder")
+            self._encoder = load_same(
+                self._path(hub.codec_file(self.codec_name, "encoder")), role="encoder", dtype=self.codec_dtype
+            )
         return self._encoder
 
     def free(self, *parts: str) -> None:
@@ -213,9 +301,9 @@ class Pipeline:
             raise ValueError(f"the weight files do not belong together: {detail}")
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
-        """T5Gemma embeddings ``[B, 256, C]`` and their mask ``[B, 256]`` (BOS-prefixed tokens)."""
+        """T5Gemma embeddings ``[B, S, C]`` and their mask ``[B, S]`` (S = :attr:`prompt_tokens`)."""
         encoder, tokenizer = self.text
-        ids, mask = tokenizer.encode(list(prompts), max_length=PROMPT_TOKENS)
+        ids, mask = tokenizer.encode(list(prompts), max_length=self.prompt_tokens)
         ids, mask = mx.array(ids), mx.array(mask)
         return encoder(ids, mask), mask
 
@@ -299,7 +387,11 @@ class Pipeline:
     # ---- the whole run -------------------------------------------------------------
     @property
     def dtype_name(self) -> str:
-        return {mx.float32: "fp32", mx.float16: "fp16", mx.bfloat16: "bf16"}[self.dit_dtype]
+        return DTYPE_NAMES[self.dit_dtype]
+
+    @property
+    def codec_dtype_name(self) -> str:
+        return DTYPE_NAMES[self.codec_dtype]
 
     def plan(
         self,
@@ -426,7 +518,7 @@ class Pipeline:
 
         self._load_timed("load decoder", "_decoder", lambda: self.decoder)
         t0 = time.perf_counter()
-        audio = codec.unpatchify(codec.decode(self.decoder, latents))
+        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
         mx.eval(audio)
         self._stage("decoding", t0)
         if free_models:
@@ -438,7 +530,7 @@ class Pipeline:
             model=self.model_name, codec=self.codec_name, prompt=prompt, negative_prompt=negative_prompt,
             seconds=seconds, steps=steps, seed=seed, cfg=cfg, apg=apg, mode=plan.mode,
             init_noise_level=plan.init_noise_level, inpaint=[list(r) for r in plan.inpaint], batch=batch,
-            latents=n_lat, dit_dtype=self.dtype_name,
+            latents=n_lat, dit_dtype=self.dtype_name, codec_dtype=self.codec_dtype_name,
         )
         return GenerationResult(audio_np, SAMPLE_RATE, settings, np.array(latents), list(self.stages))
 
@@ -450,5 +542,5 @@ class Pipeline:
         n_samples = n_lat * SAMPLES_PER_LATENT
         audio = audio[:, :n_samples]
         audio = np.pad(audio, ((0, 0), (0, n_samples - audio.shape[1])))
-        latents = codec.encode(self.encoder, mx.array(audio[None]))
+        latents = codec.encode(self.encoder, mx.array(audio[None]).astype(self.codec_dtype)).astype(mx.float32)
         return latents[..., :n_lat]

@@ -43,6 +43,27 @@ def pingpong_schedule(steps: int, sigma_max: float = 1.0) -> mx.array:
     return mx.concatenate([mx.array([sigma_max], dtype=mx.float32), sigmas[1:]])
 
 
+def build_schedule(steps: int, sigma_max: float = 1.0, shift: dict | None = None) -> mx.array:
+    """Upstream ``build_schedule`` for a model config's ``sampling_distribution_shift_options``.
+
+    None: the default LogSNR shift (:func:`pingpong_schedule`); ``{"type": "none"}``: the
+    plain linear grid; ``{"type": "logsnr", "anchor_logsnr"?, "logsnr_end"?}`` (upstream
+    ``LogSNRShift``'s arguments): the LogSNR shift with
+    those endpoints (rate 0: independent of the sequence length).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (got {steps})")
+    kind = None if shift is None else shift.get("type")
+    if kind is None:
+        return pingpong_schedule(steps, sigma_max)
+    grid = mx.linspace(1.0, 0.0, steps + 1, dtype=mx.float32)
+    if kind == "logsnr":
+        grid = logsnr_shift(grid, shift.get("anchor_logsnr", LOGSNR_ANCHOR), shift.get("logsnr_end", LOGSNR_END))
+    elif kind != "none":
+        raise ValueError(f"unsupported distribution shift type {kind!r}")
+    return mx.concatenate([mx.array([sigma_max], dtype=mx.float32), (grid * sigma_max)[1:]])
+
+
 @dataclass(frozen=True)
 class Guidance:
     """Classifier-free guidance settings.
@@ -134,6 +155,28 @@ def sample_pingpong(
             x = denoised
         mx.eval(x)
         yield x
+
+
+def sample_euler(
+    velocity: Callable[[mx.array, mx.array], mx.array],
+    x: mx.array,
+    sigmas: mx.array,
+    step_noise: Callable[[int, tuple[int, ...], mx.Dtype], mx.array] | None = None,
+) -> Iterator[mx.array]:
+    """Euler steps of the flow ODE, ``x += (t_next - t) * v``, yielding ``x`` after each step.
+
+    The sampler of the undistilled ``rectified_flow`` (base) models; deterministic, so
+    ``step_noise`` is accepted for a uniform signature and never called.
+    """
+    levels = [float(s) for s in sigmas.tolist()]
+    for t_curr, t_next in zip(levels[:-1], levels[1:]):
+        t = mx.full((x.shape[0],), t_curr, dtype=mx.float32)
+        x = x + mx.array(t_next - t_curr, dtype=x.dtype) * velocity(x, t)
+        mx.eval(x)
+        yield x
+
+
+SAMPLERS = {"pingpong": sample_pingpong, "euler": sample_euler}
 
 
 def paste_back(latents: mx.array, init_latents: mx.array, keep_mask: mx.array) -> mx.array:

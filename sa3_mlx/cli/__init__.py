@@ -1,15 +1,16 @@
 """The ``sa3`` command: a thin layer over :mod:`sa3_mlx.pipeline` and :mod:`sa3_mlx.audio`.
 
 ``sa3 [generate] ...`` generates (the default command); ``sa3 download``,
-``sa3 doctor`` and ``sa3 info`` are tools. Every failure is one line on stderr
-and exit code 2 (130 for Ctrl-C); no half-written output is left behind.
+``sa3 doctor`` and ``sa3 info`` are tools; ``sa3 studio`` serves the web page and
+HTTP API. Every failure is one line on stderr and exit code 2 (130 for Ctrl-C); no
+half-written output is left behind.
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("generate", "download", "doctor", "info", "bench")
+COMMANDS = ("generate", "download", "doctor", "info", "bench", "studio")
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -25,6 +26,10 @@ def _dispatch(argv: list[str]) -> int:
         from ..bench import main as bench
 
         return bench(argv)
+    if command == "studio":
+        from ..studio.server import run as studio
+
+        return studio(argv)
     from . import tools
 
     return getattr(tools, command)(argv)

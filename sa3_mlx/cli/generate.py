@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder", choices=list(hub.CODECS),
                    help="audio codec (default: the DiT's own; asked together with the DiT when --dit is omitted)")
     g.add_argument("--dit-dtype", choices=DTYPES, help="DiT compute dtype (default fp32 on CPU, fp16 on GPU)")
+    g.add_argument("--codec-dtype", choices=DTYPES,
+                   help="codec compute dtype (default fp32; fp16 for SAME-L on GPU)")
     g.add_argument("--weights-dir", type=Path, help="local folder with the weight files (flat or with MLX/)")
     g.add_argument("--free-models", action=argparse.BooleanOptionalAction, default=True,
                    help="free each model after its last use to lower peak memory (default on)")
@@ -243,8 +245,9 @@ def run(argv: list[str]) -> int:
 
     from ..pipeline import Pipeline, StageStats
 
-    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}.get(args.dit_dtype)
-    pipe = Pipeline(args.dit, args.decoder, weights_dir=args.weights_dir, dit_dtype=dtype, progress=interactive)
+    dtypes = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
+    pipe = Pipeline(args.dit, args.decoder, weights_dir=args.weights_dir, dit_dtype=dtypes.get(args.dit_dtype),
+                    codec_dtype=dtypes.get(args.codec_dtype), progress=interactive)
     plan = pipe.plan(args.prompt, seconds=args.seconds, init_audio=init_audio, inpaint=args.inpaint_range,
                      init_noise_level=args.init_noise_level)
     pipe.fetch(encoder=init_audio is not None)  # downloads happen before the clock starts
@@ -262,7 +265,7 @@ def run(argv: list[str]) -> int:
         [("prompt", repr(args.prompt))]
         + ([("negative", repr(args.negative_prompt))] if args.negative_prompt is not None else [])
         + [
-            ("model", f"{args.dit}  decoder {pipe.codec_name}  dit dtype {pipe.dtype_name}"),
+            ("model", f"{args.dit}  decoder {pipe.codec_name}  dtypes: DiT {pipe.dtype_name}, codec {pipe.codec_dtype_name}"),
             ("length", f"{args.seconds:g} s  ({plan.latents} latents)   steps {args.steps}   seed {args.seed}"),
             ("guidance", f"cfg {args.cfg:g}" + (f"  apg {args.apg:g}" if args.cfg != 1 else "  (off)")),
             ("noise level", f"{plan.init_noise_level:g}"),

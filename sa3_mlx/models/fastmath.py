@@ -26,11 +26,18 @@ def _use_numpy(x: mx.array) -> bool:
     return x.dtype == mx.float32 and x.size >= NUMPY_MIN_ELEMENTS and mx.default_device() == mx.cpu
 
 
+def _host(x: mx.array) -> np.ndarray | None:
+    """``x`` as a numpy array, or None inside ``mx.compile`` tracing (where nothing can be evaluated)."""
+    try:
+        return np.asarray(x)
+    except ValueError:
+        return None
+
+
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """``softmax(x)`` along ``axis``, computed in float32 (MLX's ``precise=True``)."""
-    if not _use_numpy(x):
+    if not _use_numpy(x) or (a := _host(x)) is None:
         return mx.softmax(x, axis=axis, precise=True)
-    a = np.asarray(x)
     y = a - a.max(axis=axis, keepdims=True)
     np.exp(y, out=y)
     y /= y.sum(axis=axis, keepdims=True)
@@ -39,9 +46,8 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
 
 def silu(x: mx.array) -> mx.array:
     """``x * sigmoid(x)``."""
-    if not _use_numpy(x):
+    if not _use_numpy(x) or (a := _host(x)) is None:
         return nn.silu(x)
-    a = np.asarray(x)
     y = np.negative(a)
     np.exp(y, out=y)
     y += 1.0
@@ -50,9 +56,9 @@ def silu(x: mx.array) -> mx.array:
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    if not _use_numpy(x):
+    if not _use_numpy(x) or (a := _host(x)) is None:
         return mx.sigmoid(x)
-    y = np.negative(np.asarray(x))
+    y = np.negative(a)
     np.exp(y, out=y)
     y += 1.0
     np.reciprocal(y, out=y)
@@ -60,22 +66,21 @@ def sigmoid(x: mx.array) -> mx.array:
 
 
 def tanh(x: mx.array) -> mx.array:
-    if not _use_numpy(x):
+    if not _use_numpy(x) or (a := _host(x)) is None:
         return mx.tanh(x)
-    return mx.array(np.tanh(np.asarray(x)))
+    return mx.array(np.tanh(a))
 
 
 def sin(x: mx.array) -> mx.array:
-    if not _use_numpy(x):
+    if not _use_numpy(x) or (a := _host(x)) is None:
         return mx.sin(x)
-    return mx.array(np.sin(np.asarray(x)))
+    return mx.array(np.sin(a))
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
     """GELU with the tanh approximation (``gelu_pytorch_tanh``)."""
-    if not _use_numpy(x):
+    if not _use_numpy(x) or (a := _host(x)) is None:
         return nn.gelu_approx(x)
-    a = np.asarray(x)
     y = a * a
     y *= 0.044715
     y += 1.0

@@ -90,7 +90,8 @@ def merge_heads(x: mx.array) -> mx.array:
 
 
 def differential_attention(
-    q: mx.array, k: mx.array, v: mx.array, q_diff: mx.array, k_diff: mx.array, scale: float
+    q: mx.array, k: mx.array, v: mx.array, q_diff: mx.array, k_diff: mx.array, scale: float,
+    mask: mx.array | None = None,
 ) -> mx.array:
     """``softmax(q k^T) v - softmax(q_diff k_diff^T) v`` (heads layout ``[B, H, L, D]``).
 
@@ -99,8 +100,8 @@ def differential_attention(
     per-head norm after the subtraction (the Differential Transformer paper has
     both; the Stable Audio 3 checkpoints have neither).
     """
-    main = fastmath.attention(q, k, v, scale)
-    diff = fastmath.attention(q_diff, k_diff, v, scale)
+    main = fastmath.attention(q, k, v, scale, mask)
+    diff = fastmath.attention(q_diff, k_diff, v, scale, mask)
     return main - diff
 
 
@@ -163,11 +164,13 @@ class Attention(nn.Module):
         x: mx.array,
         context: mx.array | None = None,
         context_kv: tuple[list[mx.array], mx.array] | None = None,
+        key_mask: mx.array | None = None,
     ) -> mx.array:
         """``x`` [B, L, dims] -> [B, L, dims].
 
         Cross-attention attends to ``context`` [B, S, dims], or to its precomputed
-        :meth:`context_keys_values`.
+        :meth:`context_keys_values`. ``key_mask`` (self-attention; bool, broadcastable
+        to [B, 1, 1, L], True = may be attended to) hides padded keys.
         """
         if self.cross:
             if context_kv is None:
@@ -188,9 +191,9 @@ class Attention(nn.Module):
             keys = [self._rope(self.k_norm(split_heads(k, self.num_heads))) for k in keys]
             values = split_heads(values, self.num_heads)
         if self.differential:
-            out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale)
+            out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale, key_mask)
         else:
-            out = fastmath.attention(queries[0], keys[0], values, self.scale)
+            out = fastmath.attention(queries[0], keys[0], values, self.scale, key_mask)
         return self.to_out(merge_heads(out))
 
     def _rope(self, x: mx.array) -> mx.array:

@@ -1,0 +1,98 @@
+"""``sa3 studio``: the web page and the HTTP API in one process (uvicorn), opened in the browser."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import threading
+import time
+import webbrowser
+from pathlib import Path
+
+from ..cli.parsing import Parser, UsageError, positive_int
+from .settings import Limits
+
+DEFAULT_PORT = 7860  # the usual local audio/ML demo port (Gradio's)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    limits = Limits()
+    p = Parser(prog="sa3 studio", description="A local web studio and HTTP API for Stable Audio 3 "
+               "(OpenAPI description at /api/openapi.json).")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("SA3_STUDIO_API_KEY"),
+                   help="key every request must carry (required off loopback; default $SA3_STUDIO_API_KEY)")
+    p.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
+    p.add_argument("--output-dir", type=Path, default=Path("output") / "studio",
+                   help="where results and the history database go (default output/studio)")
+    p.add_argument("--weights-dir", type=Path, help="local folder with the weight files (flat or with MLX/)")
+    p.add_argument("--queue-size", type=positive_int, default=8, help="jobs waiting at most (default 8); more get 429")
+    p.add_argument("--max-seconds", type=float, default=limits.max_seconds, help="longest audio a job may ask for")
+    p.add_argument("--max-steps", type=positive_int, default=limits.max_steps, help="most sampling steps per job")
+    p.add_argument("--max-batch", type=positive_int, default=limits.max_batch, help="most outputs per job")
+    p.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / 2**20,
+                   help="largest upload in MiB (default 64)")
+    return p
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not is_loopback(args.host) and not args.api_key:
+        raise UsageError(f"--host {args.host} is reachable from other machines: pass --api-key KEY "
+                         "(every request must then carry it)")
+    if args.weights_dir is not None and not args.weights_dir.is_dir():
+        raise UsageError(f"--weights-dir {args.weights_dir}: no such folder")
+    from ..cli.generate import MAX_SECONDS
+
+    if not 0 < args.max_seconds <= MAX_SECONDS:
+        raise UsageError(f"--max-seconds must be in (0, {MAX_SECONDS:g}]")
+    if not 0 < args.max_upload_mb <= 4096:
+        raise UsageError("--max-upload-mb must be in (0, 4096]")
+
+    import uvicorn
+
+    from .app import build_app
+    from .jobs import Studio
+
+    limits = Limits(max_seconds=args.max_seconds, max_steps=args.max_steps, max_batch=args.max_batch,
+                    max_upload_bytes=int(args.max_upload_mb * 2**20))
+    studio = Studio(args.output_dir, weights_dir=args.weights_dir, limits=limits, queue_size=args.queue_size)
+    app = build_app(studio, api_key=args.api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+
+    def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        url = f"http://{host}:{port}/"
+        print(f"sa3 studio: {url}  (history in {studio.history.path}; Ctrl-C stops)", flush=True)
+        if not args.no_browser:
+            webbrowser.open(url + (f"?key={args.api_key}" if args.api_key else ""))
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown: stopping the studio is a clean exit
+    finally:
+        studio.close()
+    if not server.started:
+        print(f"error: could not listen on {args.host}:{args.port}", file=sys.stderr)
+        return 2
+    return 0
