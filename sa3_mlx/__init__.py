@@ -22,16 +22,23 @@ load_fast_blas()
 exact_fp32()
 
 
-def load(model: str = "sm-music", codec: str | None = None, weights_dir: str | Path | None = None, dit_dtype=None):
-    """A :class:`~sa3_mlx.pipeline.Pipeline` for ``model`` ("sm-music", "sm-sfx" or "medium").
+def load(
+    model: str = "sm-music", codec: str | None = None, weights_dir: str | Path | None = None, dit_dtype=None,
+    loras=(),
+):
+    """A :class:`~sa3_mlx.pipeline.Pipeline` for ``model``.
 
-    Weight files come from ``weights_dir`` (flat, or with an ``MLX/`` folder) or
-    from the Hugging Face cache, downloaded on first use. Models load lazily on
-    the first generation and stay resident.
+    ``model`` is "sm-music", "sm-sfx" or "medium" (the official MLX files, from
+    ``weights_dir`` (flat, or with an ``MLX/`` folder) or the Hugging Face cache,
+    downloaded on first use), or an original release: a Hugging Face repo id such as
+    "stabilityai/stable-audio-3-small-music" or a local folder with ``model_config.json``
+    (or one written by ``sa3 convert``). ``loras``: ``"FILE[:STRENGTH]"`` adapters,
+    stacked in order (``pipe.set_lora_strength`` changes them later). Models load
+    lazily on the first generation and stay resident.
     """
     from .pipeline import Pipeline
 
-    return Pipeline(model, codec, weights_dir=weights_dir, dit_dtype=dit_dtype)
+    return Pipeline(model, codec, weights_dir=weights_dir, dit_dtype=dit_dtype, loras=loras)
 
 
 def generate(pipeline, prompt: str, **settings):

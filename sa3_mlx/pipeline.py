@@ -70,6 +70,8 @@ class GenerationPlan:
     init_noise_level: float
     inpaint: list[tuple[float, float]]  # ranges to regenerate, continuation tail included
     warnings: list[str]
+    # With headroom: the latents the DiT attends to (upstream generate()'s padding mask); None = all.
+    valid_latents: int | None = None
 
 
 @dataclass
@@ -335,12 +337,18 @@ class Pipeline:
         step_noise: Callable[[int, tuple[int, ...], mx.Dtype], mx.array],
         local_cond: mx.array | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        padding_mask: mx.array | None = None,
+        sampler: str = "pingpong",
     ) -> mx.array:
-        """Pingpong-sample a batch from its starting noise; CFG runs cond and uncond in one forward.
+        """Sample a batch from its starting noise; CFG runs cond and uncond in one forward.
 
         What does not change across steps (context and global projections, local
         conditioning embeddings) is computed once here, not in every step.
+        ``padding_mask`` [1|B, T] (1 = valid latent) hides padded latents from the
+        self-attention; ``sampler`` is a key of ``sampling.SAMPLERS``.
         """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
         dit = self.dit
         batch = noise.shape[0]
 
@@ -348,25 +356,28 @@ class Pipeline:
             return None if a is None else mx.broadcast_to(a, (batch, *a.shape[1:]))
 
         def as_inputs(c: DiTConditioning) -> tuple:
-            return (c.context_kv, c.global_embed, c.local_embeds)
+            # The value mask only when there is one: mx.compile takes arrays, not None.
+            return (c.context_kv, c.global_embed, c.local_embeds) + (() if c.value_mask is None else (c.value_mask,))
 
-        cond = as_inputs(dit.condition(expand(cross), expand(global_cond), local_cond))
+        mask = expand(padding_mask)
+        cond = as_inputs(dit.condition(expand(cross), expand(global_cond), local_cond, mask))
         if uncond is not None:
             pair = as_inputs(dit.condition(
                 mx.concatenate([expand(cross), expand(uncond)]),
                 mx.concatenate([expand(global_cond)] * 2),
                 None if local_cond is None else mx.concatenate([expand(local_cond)] * 2),
+                None if mask is None else mx.concatenate([mask] * 2),
             ))
 
         # The conditioning goes in as a tuple of arrays (what mx.compile accepts as inputs).
         def predict(x: mx.array, t: mx.array, cond: tuple) -> mx.array:
-            context_kv, global_embed, local_embeds = cond
-            step_cond = DiTConditioning(None, context_kv, global_embed, local_embeds)
+            context_kv, global_embed, local_embeds, *value_mask = cond
+            step_cond = DiTConditioning(None, context_kv, global_embed, local_embeds, *value_mask)
             return dit.predict(x, dit.embed_timestep(dit.timestep_features(t)), step_cond)
 
         def guided(x: mx.array, t: mx.array, pair: tuple) -> mx.array:
             v = predict(mx.concatenate([x, x]), mx.concatenate([t, t]), pair)
-            return apply_guidance(x, t, v[:batch], v[batch:], guidance)
+            return apply_guidance(x, t, v[:batch], v[batch:], guidance, mask)
 
         if self.compile_steps:
             # One fused graph per step; the conditioning is an input, so it is traced once per shape.
@@ -379,7 +390,7 @@ class Pipeline:
 
         steps = sigmas.shape[0] - 1
         x = noise.astype(self.dit_dtype)
-        for i, x in enumerate(sample_pingpong(velocity, x, sigmas, step_noise), start=1):
+        for i, x in enumerate(SAMPLERS[sampler](velocity, x, sigmas, step_noise), start=1):
             if on_step is not None:
                 on_step(i, steps)
         return x
@@ -400,12 +411,20 @@ class Pipeline:
         init_audio: np.ndarray | None = None,
         inpaint: Sequence[tuple[float, float]] = (),
         init_noise_level: float | None = None,
+        headroom: float = 0.0,
     ) -> "GenerationPlan":
-        """Validate the settings and work out the mode, the length and the regions to regenerate."""
+        """Validate the settings and work out the mode, the length and the regions to regenerate.
+
+        ``headroom`` > 0 uses upstream ``generate()``'s length rule (``duration_padding_sec``):
+        ``seconds + headroom`` of latents, chunk-aligned, of which only the first
+        ``valid_latents`` are visible to the DiT's self-attention.
+        """
         if not isinstance(prompt, str):
             raise ValueError("prompt must be a string")
         if not (seconds > 0 and math.isfinite(seconds)):
             raise ValueError(f"seconds must be a positive number (got {seconds})")
+        if not (headroom >= 0 and math.isfinite(headroom)):
+            raise ValueError(f"headroom must be >= 0 seconds (got {headroom})")
         inpaint = [(float(a), float(b)) for a, b in inpaint]
         for start, end in inpaint:
             if not 0 <= start < end <= seconds:
@@ -431,16 +450,20 @@ class Pipeline:
             init_noise_level = 0.9 if mode == "audio-to-audio" else 1.0
         if not init_noise_level >= MIN_NOISE_LEVEL:
             raise ValueError(f"init noise level must be >= {MIN_NOISE_LEVEL} (got {init_noise_level})")
-        return GenerationPlan(mode, latent_length(seconds, self.codec_name), float(init_noise_level), inpaint, warnings)
+        n_lat, valid = latent_length(seconds, self.codec_name), None
+        if headroom > 0:
+            spec = self.upstream.codec if self.upstream is not None else upstream.CodecSpec(self.codec_name[-1])
+            n_lat, valid = upstream.latent_seconds_rule(seconds, headroom, spec)
+        return GenerationPlan(mode, n_lat, float(init_noise_level), inpaint, warnings, valid)
 
     def generate(
         self,
         prompt: str,
         negative_prompt: str | None = None,
         seconds: float = 30.0,
-        steps: int = 8,
+        steps: int | None = None,
         seed: int = 0,
-        cfg: float = 1.0,
+        cfg: float | None = None,
         apg: float = 1.0,
         init_audio: np.ndarray | None = None,
         init_noise_level: float | None = None,
@@ -448,19 +471,29 @@ class Pipeline:
         batch: int = 1,
         on_step: Callable[[int, int], None] | None = None,
         free_models: bool = False,
+        headroom: float = 0.0,
+        sampler: str | None = None,
     ) -> GenerationResult:
         """Generate ``batch`` clips (seeds ``seed``, ``seed + 1``, ...).
 
         ``init_audio`` ([2, samples] at 44.1 kHz) turns this into audio-to-audio;
         with ``inpaint`` ranges ``(start, end)`` in seconds, or when the init audio
         is shorter than ``seconds`` (continuation), only those parts are
-        regenerated and the kept latents are pasted back exactly.
+        regenerated and the kept latents are pasted back exactly. ``steps``, ``cfg``
+        and ``sampler`` default to the model's recommendation (:attr:`defaults`);
+        ``headroom`` seconds > 0 follows upstream ``generate()``'s length rule and
+        attention padding mask (see :meth:`plan`).
         """
+        steps = self.defaults.steps if steps is None else steps
+        cfg = self.defaults.cfg if cfg is None else cfg
+        sampler = sampler or self.defaults.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
         if steps < 1:
             raise ValueError(f"steps must be >= 1 (got {steps})")
         if batch < 1:
             raise ValueError(f"batch must be >= 1 (got {batch})")
-        plan = self.plan(prompt, seconds, init_audio, inpaint, init_noise_level)
+        plan = self.plan(prompt, seconds, init_audio, inpaint, init_noise_level, headroom)
         guidance = Guidance(scale=cfg, apg=apg)
         self.stages = []
         mx.reset_peak_memory()
@@ -486,16 +519,7 @@ class Pipeline:
                 self.free("encoder")
 
         t0 = time.perf_counter()
-        seeds = [seed + i for i in range(batch)]
-        # Per item: initial noise from key(seed), step noise from key(seed + 1) splits,
-        # so item i equals a single run with seed + i.
-        noise = mx.concatenate(
-            [mx.random.normal((1, codec.LATENT_CHANNELS, n_lat), key=mx.random.key(s)) for s in seeds]
-        )
-        streams = [seeded_step_noise(s + 1) for s in seeds]
-
-        def step_noise(i: int, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
-            return mx.concatenate([draw(i, (1, *shape[1:]), dtype) for draw in streams])
+        noise, step_noise = self.draw_noise([seed + i for i in range(batch)], n_lat)
 
         local_cond = keep = None
         if init_latents is not None and plan.inpaint:
@@ -506,8 +530,15 @@ class Pipeline:
             s = plan.init_noise_level
             noise = init_latents * (1.0 - s) + noise * s
 
-        sigmas = pingpong_schedule(steps, plan.init_noise_level)
-        latents = self.sample(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond, on_step)
+        padding_mask = None
+        if plan.valid_latents is not None and plan.valid_latents < n_lat:
+            padding_mask = (mx.arange(n_lat) < plan.valid_latents)[None, :]
+        shift = self.upstream.sampling.shift if self.upstream is not None else None
+        # Length-dependent shifts see the effective length (upstream use_effective_length_for_schedule).
+        effective_latents = math.ceil(int(seconds * SAMPLE_RATE) / SAMPLES_PER_LATENT)
+        sigmas = build_schedule(steps, plan.init_noise_level, shift, effective_latents)
+        latents = self.sample(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond, on_step,
+                              padding_mask, sampler)
         if keep is not None:
             latents = paste_back(latents, init_latents, keep)
         latents = latents.astype(mx.float32)
@@ -526,13 +557,32 @@ class Pipeline:
 
         n_samples = int(round(seconds * SAMPLE_RATE))
         audio_np = np.array(audio[..., :n_samples])
+        if plan.valid_latents is not None:
+            audio_np[..., plan.valid_latents * SAMPLES_PER_LATENT:] = 0  # upstream zeroes the padded tail
         settings = dict(
             model=self.model_name, codec=self.codec_name, prompt=prompt, negative_prompt=negative_prompt,
             seconds=seconds, steps=steps, seed=seed, cfg=cfg, apg=apg, mode=plan.mode,
             init_noise_level=plan.init_noise_level, inpaint=[list(r) for r in plan.inpaint], batch=batch,
             latents=n_lat, dit_dtype=self.dtype_name, codec_dtype=self.codec_dtype_name,
+            sampler=sampler, headroom=headroom, loras=self.loras.describe(),
         )
         return GenerationResult(audio_np, SAMPLE_RATE, settings, np.array(latents), list(self.stages))
+
+    def draw_noise(self, seeds: Sequence[int], n_lat: int) -> tuple[mx.array, Callable]:
+        """``(initial noise [B, 256, n_lat], step_noise(i, shape, dtype))`` for a batch of seeds.
+
+        Per item: initial noise from key(seed), step noise from key(seed + 1) splits,
+        so item i equals a single run with seed + i.
+        """
+        noise = mx.concatenate(
+            [mx.random.normal((1, codec.LATENT_CHANNELS, n_lat), key=mx.random.key(s)) for s in seeds]
+        )
+        streams = [seeded_step_noise(s + 1) for s in seeds]
+
+        def step_noise(i: int, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
+            return mx.concatenate([draw(i, (1, *shape[1:]), dtype) for draw in streams])
+
+        return noise, step_noise
 
     def _encode_init(self, audio: np.ndarray, n_lat: int) -> mx.array:
         """Encode [2, samples] init audio to ``[1, 256, n_lat]`` latents (padded with silence)."""

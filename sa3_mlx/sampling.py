@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import math
+
 import mlx.core as mx
+import numpy as np
 
 # The default LogSNR shift (rate 0, so independent of sequence length), as used
 # upstream when a model config has no `sampling_distribution_shift_options`.
@@ -43,25 +46,65 @@ def pingpong_schedule(steps: int, sigma_max: float = 1.0) -> mx.array:
     return mx.concatenate([mx.array([sigma_max], dtype=mx.float32), sigmas[1:]])
 
 
-def build_schedule(steps: int, sigma_max: float = 1.0, shift: dict | None = None) -> mx.array:
+# Upstream's distribution shifts (``sampling_distribution_shift_options``): type -> keyword defaults.
+SHIFT_DEFAULTS = {
+    "none": {},
+    "logsnr": {"anchor_length": 2000, "anchor_logsnr": LOGSNR_ANCHOR, "rate": 1.0, "logsnr_end": LOGSNR_END},
+    "flux": {"min_length": 256, "max_length": 4096, "alpha_min": 1.0, "alpha_max": 1.0},
+    "full": {"base_shift": 0.5, "max_shift": 1.15, "max_length": 4096, "min_length": 256, "use_sine": False},
+}
+
+
+def shift_grid(t: np.ndarray, shift: dict, seq_len: int) -> np.ndarray:
+    """Upstream ``LogSNRShift`` / ``FluxDistributionShift`` / ``DistributionShift`` of a grid
+    ``t`` in [0, 1] for a sequence of ``seq_len`` latents (float64)."""
+    kind = shift.get("type", "full")
+    if kind not in SHIFT_DEFAULTS:
+        raise ValueError(f"unsupported distribution shift type {kind!r} (expected one of {', '.join(SHIFT_DEFAULTS)})")
+    o = {**SHIFT_DEFAULTS[kind], **{k: v for k, v in shift.items() if k != "type"}}
+    seq_len = max(int(seq_len), 1)
+    if kind == "none":
+        return t
+    if kind == "logsnr":
+        start = o["anchor_logsnr"] - o["rate"] * math.log2(seq_len / o["anchor_length"])
+        out = 1.0 / (1.0 + np.exp(o["logsnr_end"] - t * (o["logsnr_end"] - start)))  # sigmoid(-logsnr)
+        return np.where(t <= 0, 0.0, np.where(t >= 1, 1.0, out))
+    if kind == "flux":
+        length = min(max(seq_len, o["min_length"]), o["max_length"])
+        log_min, log_max = math.log(o["min_length"]), math.log(o["max_length"])
+        frac = (math.log(length) - log_min) / ((log_max - log_min) or 1e-8)
+        log_a_min, log_a_max = math.log(max(o["alpha_min"], 1e-8)), math.log(max(o["alpha_max"], 1e-8))
+        alpha = math.exp(log_a_min + frac * (log_a_max - log_a_min))
+        return alpha * t / (1 + (alpha - 1.0) * t)
+    length = min(max(seq_len, o["min_length"]), o["max_length"])
+    mu = -(o["base_shift"] + (o["max_shift"] - o["base_shift"]) * (length - o["min_length"])
+           / (o["max_length"] - o["min_length"]))
+    with np.errstate(divide="ignore"):
+        odds = np.where(t >= 1, np.inf, 1.0 / (1.0 - np.minimum(t, 1.0)) - 1.0)
+    out = 1.0 - math.exp(mu) / (math.exp(mu) + odds)
+    return np.sin(out * math.pi / 2) if o["use_sine"] else out
+
+
+def build_schedule(
+    steps: int, sigma_max: float = 1.0, shift: dict | None = None, seq_len: int | None = None
+) -> mx.array:
     """Upstream ``build_schedule`` for a model config's ``sampling_distribution_shift_options``.
 
-    None: the default LogSNR shift (:func:`pingpong_schedule`); ``{"type": "none"}``: the
-    plain linear grid; ``{"type": "logsnr", "anchor_logsnr"?, "logsnr_end"?}`` (upstream
-    ``LogSNRShift``'s arguments): the LogSNR shift with
-    those endpoints (rate 0: independent of the sequence length).
+    None: the default LogSNR shift, rate 0 (:func:`pingpong_schedule`, independent of the
+    length). Otherwise ``{"type": "none" | "logsnr" | "flux" | "full", **kwargs}`` with
+    upstream's keyword names; the length-dependent ones use ``seq_len``, the effective
+    latent length ``ceil(int(seconds * sr) / 4096)``.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (got {steps})")
-    kind = None if shift is None else shift.get("type")
-    if kind is None:
+    if shift is None:
         return pingpong_schedule(steps, sigma_max)
-    grid = mx.linspace(1.0, 0.0, steps + 1, dtype=mx.float32)
-    if kind == "logsnr":
-        grid = logsnr_shift(grid, shift.get("anchor_logsnr", LOGSNR_ANCHOR), shift.get("logsnr_end", LOGSNR_END))
-    elif kind != "none":
-        raise ValueError(f"unsupported distribution shift type {kind!r}")
-    return mx.concatenate([mx.array([sigma_max], dtype=mx.float32), (grid * sigma_max)[1:]])
+    if seq_len is None:
+        raise ValueError("a distribution shift needs the sequence length")
+    grid = np.linspace(1.0, 0.0, steps + 1, dtype=np.float32).astype(np.float64)
+    sigmas = (shift_grid(grid, shift, seq_len) * sigma_max).astype(np.float32)
+    sigmas[0] = sigma_max
+    return mx.array(sigmas)
 
 
 @dataclass(frozen=True)
@@ -89,12 +132,16 @@ class Guidance:
 
 
 def apply_guidance(
-    x: mx.array, sigma: mx.array, cond_v: mx.array, uncond_v: mx.array, guidance: Guidance
+    x: mx.array, sigma: mx.array, cond_v: mx.array, uncond_v: mx.array, guidance: Guidance,
+    padding_mask: mx.array | None = None,
 ) -> mx.array:
     """Combine conditional and unconditional velocities into the guided velocity.
 
     Done in denoised space and in float32: the APG projection subtracts nearly
-    equal quantities, which cancels badly in half precision.
+    equal quantities, which cancels badly in half precision. With a
+    ``padding_mask`` [B|1, T] (1 = valid latent, upstream ``generate()`` with headroom)
+    the projection uses the valid positions only and the projected guidance is zero
+    on the padded ones, as upstream's ``apg_project``.
     """
     dtype = cond_v.dtype
     x = x.astype(mx.float32)
@@ -103,9 +150,16 @@ def apply_guidance(
     uncond_d = x - uncond_v.astype(mx.float32) * s
     diff = cond_d - uncond_d
     if guidance.apg > 0.0:
-        norm = mx.sqrt(mx.sum(cond_d * cond_d, axis=(1, 2), keepdims=True))
-        unit = cond_d / mx.maximum(norm, 1e-12)
+        if padding_mask is None:
+            reference, eps = cond_d, 1e-12  # F.normalize
+        else:
+            mask = padding_mask.astype(mx.float32)[:, None, :]
+            reference, eps = cond_d * mask, 1e-8  # upstream's masked branch clamps at 1e-8
+        norm = mx.sqrt(mx.sum(reference * reference, axis=(1, 2), keepdims=True))
+        unit = reference / mx.maximum(norm, eps)
         orthogonal = diff - mx.sum(diff * unit, axis=(1, 2), keepdims=True) * unit
+        if padding_mask is not None:
+            orthogonal = orthogonal * mask
         diff = guidance.apg * orthogonal + (1.0 - guidance.apg) * diff
     guided = cond_d + (guidance.scale - 1.0) * diff
     return ((x - guided) / s).astype(dtype)

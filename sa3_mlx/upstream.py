@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,13 +26,13 @@ CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "model.safetensors"
 T5_SUBFOLDER = "t5gemma-b-b-ul2"
 T5_MODEL_NAME = "google/t5gemma-b-b-ul2"
+CONVERTED_MANIFEST = "sa3_model.json"  # written by `sa3 convert` (sa3_mlx.convert)
 
 DIT_PREFIX = "model.model."
 CONDITIONER_PREFIX = "conditioner.conditioners."
 PRETRANSFORM_PREFIX = "pretransform.model."
 
 OBJECTIVES = ("rf_denoiser", "rectified_flow")
-SHIFT_TYPES = ("none", "logsnr")
 
 
 class UpstreamError(WeightError):
@@ -81,6 +81,12 @@ class _Config:
             raise UpstreamError(f"{self.file}: '{self._name(key)}' must be a non-negative integer, got {value!r}")
         return value
 
+    def defaults(self, allowed: Mapping[str, Sequence]) -> None:
+        """Optional fields this port accepts only at the listed (upstream default) values."""
+        for key, values in allowed.items():
+            if key in self.data:
+                self.expect(key, values)
+
     def done(self, ignored: Sequence[str] = ()) -> None:
         """Every field must have been read or be listed as irrelevant to inference."""
         unknown = sorted(set(self.data) - self.read - set(ignored))
@@ -97,7 +103,10 @@ class CodecSpec:
     family: str  # "s" (chunked attention) or "l" (sliding window)
     decoder_overrides: dict = field(default_factory=dict)  # SAMEConfig fields shapes cannot show
     encoder_overrides: dict = field(default_factory=dict)
-    chunk_size: int = 32  # generate() aligns lengths to chunk_size / stride latents (S only)
+    # SAMEConfig sizes the config states (checked against the weights when loading)
+    decoder_sizes: dict = field(default_factory=dict)
+    encoder_sizes: dict = field(default_factory=dict)
+    chunk_size: int = 32  # generate() aligns lengths to chunk_size / stride latents (either family)
     stride: int = 16
     sample_rate: int = 44100
 
@@ -111,10 +120,20 @@ class TextSpec:
     max_length: int
     padding_mode: str
     subfolder: str
+    # Where upstream loads the encoder from when it is not in the model's own folder.
+    repo_id: str | None = None
+    model_path: str | None = None
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
+    """How a generator samples, with the recommended settings for it.
+
+    Upstream ``generate()`` defaults to 8 steps without guidance for every model and
+    picks the sampler by objective; the undistilled ``-base`` models need tens of steps
+    and CFG, so their recommendation here is 50 Euler steps at CFG 7.
+    """
+
     objective: str  # rf_denoiser (distilled, pingpong) or rectified_flow (base, Euler)
     shift: dict | None  # sampling_distribution_shift_options, None = LogSNR default
 
@@ -135,8 +154,8 @@ class SamplingSpec:
         return "pingpong" if self.distilled else "euler"
 
 
-def _check_same(cfg: _Config, role: str) -> tuple[str, dict, int, int]:
-    """(family, SAMEConfig overrides, chunk_size, stride) of one ``encoder``/``decoder`` entry."""
+def _check_same(cfg: _Config, role: str) -> tuple[str, dict, dict, int, int]:
+    """(family, SAMEConfig overrides, SAMEConfig sizes, chunk_size, stride) of one ``encoder``/``decoder`` entry."""
     cfg.expect("type", ["same"], required=True)
     if role == "decoder":
         soft_clip = cfg.get("soft_clip", False)
@@ -145,9 +164,7 @@ def _check_same(cfg: _Config, role: str) -> tuple[str, dict, int, int]:
     inner = cfg.child("config")
     cfg.done()
     io_key = "out_channels" if role == "decoder" else "in_channels"
-    inner.integer(io_key)
-    inner.integer("channels")
-    inner.integer("latent_dim")
+    width = inner.integer("channels")
     for key in ("c_mults", "transformer_depths", "strides"):
         value = inner.get(key, required=True)
         if not (isinstance(value, list) and len(value) == 1):
@@ -155,11 +172,15 @@ def _check_same(cfg: _Config, role: str) -> tuple[str, dict, int, int]:
     if inner.get("c_mults") != [1]:
         raise UpstreamError(f"{cfg.file}: '{inner.path}.c_mults' must be [1], got {inner.get('c_mults')!r}")
     stride = inner.get("strides")[0]
-    inner.integer("dim_heads")
-    inner.get("ff_mult", required=True)
+    sizes = dict(
+        dim=width, head_dim=inner.integer("dim_heads"), num_blocks=inner.get("transformer_depths")[0],
+        ff_inner=int(width * inner.get("ff_mult", required=True)), latent_dim=inner.integer("latent_dim"),
+        io_channels=inner.integer(io_key),
+    )
     for key, value in (("differential", True), ("variable_stride", True), ("dyt", True), ("mapping_bias", True)):
         inner.expect(key, [value], required=True)
-    inner.expect("conv_mapping", [role == "decoder", False] if role == "decoder" else [False], required=True)
+    # The decoder's mapping may be a k=3 conv (SAME-S); the kernel is read from the weights.
+    inner.expect("conv_mapping", [True, False] if role == "decoder" else [False], required=True)
     overrides: dict = {"stride": stride}
     chunk_size = 32
     if "sliding_window" in inner.data:
@@ -168,6 +189,9 @@ def _check_same(cfg: _Config, role: str) -> tuple[str, dict, int, int]:
         if not (isinstance(window, list) and len(window) == 2 and all(isinstance(w, int) for w in window)):
             raise UpstreamError(f"{cfg.file}: '{inner.path}.sliding_window' must be [left, right], got {window!r}")
         overrides["sliding_window"] = tuple(window)
+        inner.expect("chunk_midpoint_shift", [False], default=False)
+        # Not used by the sliding-window attention; generate() still aligns lengths to it.
+        chunk_size = inner.integer("chunk_size", required=False, default=32)
     else:
         family = "s"
         chunk_size = inner.integer("chunk_size")
@@ -179,13 +203,13 @@ def _check_same(cfg: _Config, role: str) -> tuple[str, dict, int, int]:
             raise UpstreamError(f"{cfg.file}: '{inner.path}.sinusoidal_blocks' must have one entry, got {sinusoidal!r}")
         overrides["sinusoidal_blocks"] = int(sinusoidal[0])
     inner.done()
-    return family, overrides, chunk_size, stride
+    return family, overrides, sizes, chunk_size, stride
 
 
 def _check_autoencoder(cfg: _Config, sample_rate: int) -> CodecSpec:
     """The SAME autoencoder part: ``model.pretransform.config`` or a standalone ``model``."""
-    enc_family, enc_over, chunk_size, stride = _check_same(cfg.child("encoder"), "encoder")
-    dec_family, dec_over, _, dec_stride = _check_same(cfg.child("decoder"), "decoder")
+    enc_family, enc_over, enc_sizes, chunk_size, stride = _check_same(cfg.child("encoder"), "encoder")
+    dec_family, dec_over, dec_sizes, _, dec_stride = _check_same(cfg.child("decoder"), "decoder")
     if enc_family != dec_family or stride != dec_stride:
         raise UpstreamError(f"{cfg.file}: encoder and decoder of '{cfg.path}' are of different SAME families")
     bottleneck = cfg.child("bottleneck")
@@ -209,7 +233,7 @@ def _check_autoencoder(cfg: _Config, sample_rate: int) -> CodecSpec:
     if ratio != 256 * stride:
         raise UpstreamError(f"{cfg.file}: '{cfg.path}.downsampling_ratio' {ratio} != patch 256 x stride {stride}")
     cfg.done()
-    return CodecSpec(enc_family, dec_over, enc_over, chunk_size, stride, sample_rate)
+    return CodecSpec(enc_family, dec_over, enc_over, dec_sizes, enc_sizes, chunk_size, stride, sample_rate)
 
 
 def _check_dit(cfg: _Config, file: str) -> dict:
@@ -229,11 +253,25 @@ def _check_dit(cfg: _Config, file: str) -> dict:
     attn = c.child("attn_kwargs")
     attn.expect("qk_norm", ["rms"], required=True)
     differential = attn.expect("differential", [False, True], default=False)
+    attn.defaults({"qk_norm_eps": [1e-6], "feat_scale": [False], "causal": [False]})
+    attn.get("zero_init_output")  # initialisation only
     attn.done()
     ff = c.child("ff_kwargs")
     mult = ff.get("mult", required=True)
+    ff.defaults({"no_bias": [False], "glu": [True], "use_conv": [False], "sinusoidal": [False]})
+    ff.get("zero_init_output")  # initialisation only
     ff.done()
     local = c.integer("local_add_cond_dim", required=True)
+    # Options of DiffusionTransformer / ContinuousTransformer a config may spell out at their
+    # defaults (the only values ported); anything else is an error.
+    c.defaults({
+        "transformer_type": ["continuous_transformer"], "project_cond_tokens": [True], "project_global_cond": [True],
+        "input_concat_dim": [0], "prepend_cond_dim": [0], "timestep_features_logsnr": [False],
+        "timestep_embed_dim": [None, embed_dim], "rotary_pos_emb": [True], "cross_attn_rotary_pos_emb": [False],
+        "conformer": [False], "use_sinusoidal_emb": [False], "use_abs_pos_emb": [False], "sliding_window": [None],
+        "final_cross_attn_ix": [-1], "causal": [False], "modular_local_cond_configs": [None, []],
+    })
+    c.get("zero_init_branch_outputs")  # initialisation only
     kwargs = dict(
         io_channels=c.integer("io_channels"),
         embed_dim=embed_dim,
@@ -257,17 +295,17 @@ def _check_dit(cfg: _Config, file: str) -> dict:
 
 
 def _check_shift(options, file: str) -> dict | None:
+    """``sampling_distribution_shift_options``: None (absent or null) = upstream's LogSNR default."""
+    from .sampling import SHIFT_DEFAULTS
+
     if options is None:
         return None
     cfg = _Config(options, "model.diffusion.sampling_distribution_shift_options", file)
-    kind = cfg.expect("type", SHIFT_TYPES, required=True)
-    if kind == "logsnr":
-        for key in ("anchor_logsnr", "logsnr_end", "rate"):
-            cfg.get(key)
-        if cfg.data.get("rate", 0) not in (0, 0.0):
-            raise UpstreamError(f"{file}: '{cfg.path}.rate' other than 0 (a length-dependent shift) is not supported")
+    kind = cfg.expect("type", list(SHIFT_DEFAULTS), default="full")
+    for key in SHIFT_DEFAULTS[kind]:
+        cfg.get(key)
     cfg.done()
-    return dict(options)
+    return {"type": kind, **{k: v for k, v in options.items() if k != "type"}}
 
 
 # ---------------------------------------------------------------- safetensors reading
@@ -342,8 +380,12 @@ class _Taker:
 
 
 def map_dit(tensors: Mapping[str, np.ndarray], file: str, prompt_id: str = "prompt",
-            seconds_id: str = "seconds_total") -> dict[str, np.ndarray]:
-    """Upstream DiT + conditioner tensors -> official MLX DiT file names (incl. ``cond.*``)."""
+            seconds_id: str = "seconds_total", padding_mode: str = "learned") -> dict[str, np.ndarray]:
+    """Upstream DiT + conditioner tensors -> official MLX DiT file names (incl. ``cond.*``).
+
+    ``padding_mode`` "zero" (no learned embedding upstream) becomes an all-zero
+    ``cond.padding_embedding``: replacing pad positions by zeros is the same operation.
+    """
     taker = _Taker({k: v for k, v in tensors.items() if k.startswith((DIT_PREFIX, CONDITIONER_PREFIX))}, file)
     out: dict[str, np.ndarray] = {}
     for key, value in taker.take_prefix(DIT_PREFIX).items():
@@ -360,8 +402,11 @@ def map_dit(tensors: Mapping[str, np.ndarray], file: str, prompt_id: str = "prom
         out[name] = value
     prompt = CONDITIONER_PREFIX + prompt_id + "."
     seconds = CONDITIONER_PREFIX + seconds_id + ".embedder.embedding.1."
-    out["cond.padding_embedding"] = taker.take(prompt + "padding_embedding")
     out["cond.seconds_total_weight"] = taker.take(seconds + "weight")
+    if padding_mode == "learned":
+        out["cond.padding_embedding"] = taker.take(prompt + "padding_embedding")
+    else:
+        out["cond.padding_embedding"] = np.zeros(out["cond.seconds_total_weight"].shape[0], np.float32)
     out["cond.seconds_total_bias"] = taker.take(seconds + "bias")
     taker.finish("the DiT and its conditioners")
     return out
@@ -566,6 +611,43 @@ class HFTokenizer:
 # ---------------------------------------------------------------- the model
 
 
+def find_text_folder(root: Path, text: TextSpec) -> Path:
+    folder = root / text.subfolder
+    if folder.is_dir():
+        return folder
+    if text.model_path:
+        for candidate in (Path(text.model_path).expanduser() / text.subfolder, Path(text.model_path).expanduser()):
+            if (candidate / "config.json").is_file():
+                return candidate
+    if text.repo_id:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(text.repo_id, allow_patterns=[f"{text.subfolder}/*"])) / text.subfolder
+        except Exception as e:  # offline, gated, missing: one clear message
+            raise UpstreamError(
+                f"{folder} is missing and the T5Gemma encoder could not be fetched from {text.repo_id} ({e})"
+            ) from None
+    raise UpstreamError(f"{folder}: the T5Gemma folder is missing")
+
+
+def check_dit_config(found, expected, file) -> None:
+    """The DiT read from the weights must be the one ``model.diffusion.config`` describes."""
+    found, expected = asdict(found), asdict(expected)
+    wrong = [f"{k} {expected[k]} (weights: {found[k]})" for k in expected if found[k] != expected[k]]
+    if wrong:
+        raise UpstreamError(f"{file}: model.diffusion.config does not match the weights: {', '.join(wrong)}")
+
+
+def check_codec_sizes(config, codec: CodecSpec, role: str, file) -> None:
+    """The SAME sizes read from the weights must be those ``model_config.json`` states."""
+    expected = codec.decoder_sizes if role == "decoder" else codec.encoder_sizes
+    found = {k: getattr(config, k) for k in expected}
+    if found != expected:
+        wrong = ", ".join(f"{k} {expected[k]} (weights: {found[k]})" for k in expected if found[k] != expected[k])
+        raise UpstreamError(f"{file}: the SAME {role} config does not match the weights: {wrong}")
+
+
 @dataclass
 class UpstreamModel:
     """A parsed upstream checkpoint: configs and tensors renamed to the official MLX names."""
@@ -593,9 +675,7 @@ class UpstreamModel:
 
         name = f"{self.root.name}/{WEIGHTS_FILE}"
         dit, config, cond = load_dit(WeightDict(weights if weights is not None else self.dit_weights, name), dtype=dtype)
-        expected = DiTConfig(**self.dit_config)
-        if config != expected:
-            raise UpstreamError(f"{self.root / CONFIG_FILE}: model.diffusion.config {expected} does not match the weights {config}")
+        check_dit_config(config, DiTConfig(**self.dit_config), self.root / CONFIG_FILE)
         return dit, load_conditioner(cond, name, seconds_range=self.seconds_range)
 
     def load_codec(self, role: str, dtype: mx.Dtype = mx.float32):
@@ -603,13 +683,13 @@ class UpstreamModel:
 
         overrides = self.codec.decoder_overrides if role == "decoder" else self.codec.encoder_overrides
         weights = WeightDict(self.same_weights[role], f"{self.root.name}/{WEIGHTS_FILE} ({role})")
-        return load_same(weights, role, family=self.codec.family, dtype=dtype, **overrides)
+        model = load_same(weights, role, family=self.codec.family, dtype=dtype, **overrides)
+        check_codec_sizes(model.config, self.codec, role, self.root / CONFIG_FILE)
+        return model
 
     def text_folder(self) -> Path:
-        folder = self.root / self.text.subfolder
-        if not folder.is_dir():
-            raise UpstreamError(f"{folder}: the T5Gemma folder is missing")
-        return folder
+        """The T5Gemma folder: ``<root>/<subfolder>``, else the config's ``model_path`` or ``repo_id``."""
+        return find_text_folder(self.root, self.text)
 
     def t5_weights(self) -> tuple[object, dict[str, np.ndarray]]:
         """``(T5GemmaConfig, MLX-named tensors)`` of the text encoder folder."""
@@ -644,14 +724,15 @@ def _check_conditioning(cfg: _Config, file: str) -> tuple[TextSpec, tuple[float,
         e.done()
         if kind == "t5gemma":
             c.expect("model_name", [T5_MODEL_NAME], required=True)
-            c.get("repo_id")
-            c.get("model_path")
+            repo_id, model_path = c.get("repo_id"), c.get("model_path")
             subfolder = c.get("subfolder") or T5_SUBFOLDER
             max_length = c.integer("max_length", required=False, default=128)
-            padding = c.expect("padding_mode", ["learned"], default="learned")
+            # Upstream's class default is "zero"; "none" (raw pad-token embeddings) is not ported.
+            padding = c.expect("padding_mode", ["learned", "zero"], default="zero")
             c.expect("project_out", [False, None], default=None)
+            c.get("enable_grad")  # training only
             c.done()
-            text, prompt_id = TextSpec(max_length, padding, subfolder), cid
+            text, prompt_id = TextSpec(max_length, padding, subfolder, repo_id, model_path), cid
         else:
             lo, hi = c.get("min_val", 0), c.get("max_val", 1)
             c.expect("fourier_features_type", ["expo"], required=True)
@@ -680,7 +761,9 @@ def parse(root: Path) -> UpstreamModel:
     top.expect("audio_channels", [2], default=2)
     top.get("sample_size")
     model = top.child("model")
-    top.done()
+    # Training-time sections, and svd_bases_path: a pickled .pt of precomputed -xs LoRA bases, which
+    # are recomputed from the weights instead (upstream's fallback when the file is absent).
+    top.done(ignored=("training", "dataset_config", "model_name", "svd_bases_path"))
     tensors = read_sharded(root)
     weights_file = str(root / WEIGHTS_FILE)
 
@@ -692,16 +775,17 @@ def parse(root: Path) -> UpstreamModel:
     io_channels = model.integer("io_channels")
     pretransform = model.child("pretransform")
     pretransform.expect("type", ["autoencoder"], required=True)
-    chunked = pretransform.get("chunked", False)
+    # Memory options of upstream's decode; decoding here is exact whatever the chunking (codec.py).
+    pretransform.get("chunked")
     pretransform.get("iterate_batch")
     codec = _check_autoencoder(pretransform.child("config"), sample_rate)
     pretransform.done()
-    del chunked  # decoding here is exact whatever the chunking (see codec.py)
 
     text, seconds_range, cond_dim, prompt_id, seconds_id = _check_conditioning(model.child("conditioning"), file)
 
     diffusion = model.child("diffusion")
     diffusion.expect("type", ["dit"], required=True)
+    diffusion.defaults({"input_concat_ids": [[]], "prepend_cond_ids": [[]], "modular_local_cond_configs": [None, []]})
     objective = diffusion.expect("diffusion_objective", OBJECTIVES, required=True)
     cross_ids = diffusion.get("cross_attention_cond_ids", required=True)
     if cross_ids != [prompt_id, seconds_id]:
@@ -725,7 +809,7 @@ def parse(root: Path) -> UpstreamModel:
         raise UpstreamError(f"{file}: model.conditioning.cond_dim {cond_dim} != the DiT's conditioning widths")
 
     same_weights = map_same(tensors, weights_file, PRETRANSFORM_PREFIX)
-    dit_weights = map_dit(tensors, weights_file, prompt_id, seconds_id)
+    dit_weights = map_dit(tensors, weights_file, prompt_id, seconds_id, text.padding_mode)
     leftover = [k for k in tensors if not k.startswith((DIT_PREFIX, CONDITIONER_PREFIX, PRETRANSFORM_PREFIX))]
     if leftover:
         raise UpstreamError(f"{weights_file}: unexpected key(s): {', '.join(sorted(leftover)[:5])}")
@@ -742,7 +826,7 @@ def is_upstream_source(source: str | Path) -> bool:
     """A local folder with ``model_config.json``, or something shaped like a hub repo id."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return (path / CONFIG_FILE).is_file()
+        return (path / CONFIG_FILE).is_file() or (path / CONVERTED_MANIFEST).is_file()
     text = str(source)
     return text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
@@ -751,7 +835,7 @@ def resolve(source: str | Path, progress: bool = True) -> Path:
     """A local folder for ``source``: the folder itself, or a hub snapshot of the files a run needs."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / CONFIG_FILE).is_file():
+        if not (path / CONFIG_FILE).is_file() and not (path / CONVERTED_MANIFEST).is_file():
             raise UpstreamError(f"{path}: no {CONFIG_FILE} (not an upstream Stable Audio 3 model folder)")
         return path
     if not is_upstream_source(source):
@@ -779,8 +863,17 @@ def resolve(source: str | Path, progress: bool = True) -> Path:
 
 
 def load(source: str | Path, progress: bool = True) -> UpstreamModel:
-    """Parse an upstream model from a local folder or a hub repo id."""
-    return parse(resolve(source, progress))
+    """Parse an upstream model from a local folder or a hub repo id.
+
+    A folder written by ``sa3 convert`` gives a :class:`~sa3_mlx.convert.ConvertedModel`
+    (same surface, read from the official-format files).
+    """
+    root = resolve(source, progress)
+    if (root / CONVERTED_MANIFEST).is_file():
+        from .convert import ConvertedModel
+
+        return ConvertedModel(root)
+    return parse(root)
 
 
 def latent_seconds_rule(seconds: float, headroom: float, codec: CodecSpec) -> tuple[int, int]:

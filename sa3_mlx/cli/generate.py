@@ -34,6 +34,7 @@ MAX_SECONDS = 384.0  # the seconds conditioner's range; beyond it the duration e
 DTYPES = ("fp32", "fp16", "bf16")
 SUFFIX_FORMATS = {".wav": "wav16", ".flac": "flac"}
 UNWRITABLE_SUFFIXES = {".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma"}
+SAMPLER_CHOICES = ("pingpong", "euler")  # sampling.SAMPLERS (not imported here: that loads MLX)
 LOUDNESS_RANGE = (-70.0, 0.0)  # LUFS: below -70 BS.1770 gates everything out; 0 is full scale
 
 EXAMPLES = """\
@@ -45,6 +46,9 @@ examples:
   sa3 --prompt "drum fill" --init-audio loop.wav --inpaint-range 4,6 --inpaint-range 12,14  (inpainting)
   sa3 --prompt "ambient pad, evolving" --init-audio intro.wav --seconds 40                 (continuation)
   sa3 --prompt "techno kick" --seconds 8 --loudness -14 --format flac --out kick.flac
+  sa3 --prompt "lofi beat" --model stabilityai/stable-audio-3-small-music --lora style.safetensors:0.8
+  sa3 --prompt "lofi beat" --model ./stable-audio-3-small-music-base        (base model: 50 steps, cfg 7)
+  sa3 convert stabilityai/stable-audio-3-small-music converted/            (-> official MLX files)
   sa3 download all          sa3 doctor          sa3 info output/some_file.wav
 """
 
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="sa3",
         description="Stable Audio 3 in MLX: text-to-audio, audio-to-audio, inpainting and continuation. "
-        "Other commands: sa3 download, sa3 doctor, sa3 info FILE.",
+        "Other commands: sa3 download, sa3 doctor, sa3 info FILE, sa3 convert REPO_OR_PATH OUT_DIR.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -66,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N variations in one batched run, seeds s, s+1, ... (default 1)")
     g = p.add_argument_group("model")
     g.add_argument("--dit", choices=list(hub.MODELS), help="generator (a picker asks when omitted)")
+    g.add_argument("--model", metavar="REPO_OR_PATH",
+                   help="an original PyTorch release instead of --dit: a Hugging Face repo "
+                        "(stabilityai/stable-audio-3-{small-music,small-sfx,medium}[-base]) or a local folder "
+                        "with model_config.json, model.safetensors and t5gemma-b-b-ul2/")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="LoRA/DoRA adapter (upstream .safetensors) merged into the DiT, strength default 1; "
+                        "repeatable, stacked in the order given")
     g.add_argument("--decoder", choices=list(hub.CODECS),
                    help="audio codec (default: the DiT's own; asked together with the DiT when --dit is omitted)")
     g.add_argument("--dit-dtype", choices=DTYPES, help="DiT compute dtype (default fp32 on CPU, fp16 on GPU)")
@@ -75,11 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--free-models", action=argparse.BooleanOptionalAction, default=True,
                    help="free each model after its last use to lower peak memory (default on)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=positive_int, default=8,
-                   help="sampling steps (default 8, what the models are distilled for)")
+    g.add_argument("--steps", type=positive_int,
+                   help="sampling steps (default: the model's; 8 for the distilled models, which they are "
+                        "distilled for, 50 for the -base models)")
+    g.add_argument("--sampler", choices=SAMPLER_CHOICES,
+                   help="default: the model's (pingpong for the distilled rf_denoiser models, euler for the "
+                        "rectified_flow -base models)")
+    g.add_argument("--headroom", type=finite_float, default=0.0, metavar="SECONDS",
+                   help="sample SECONDS more latents and mask them in the attention, as upstream generate() "
+                        "(its default is 6); 0 = off (default)")
     g.add_argument("--seed", type=seed, help="random seed (random and printed when omitted)")
-    g.add_argument("--cfg", type=finite_float, default=1.0,
-                   help="classifier-free guidance scale >= 0; 1 = off (default)")
+    g.add_argument("--cfg", type=finite_float,
+                   help="classifier-free guidance scale >= 0; 1 = off (default: the model's; 1 for the "
+                        "distilled models, 7 for the -base models)")
     g.add_argument("--apg", type=finite_float, default=1.0,
                    help="adaptive projected guidance, 0 = vanilla CFG .. 1 = full projection (default 1)")
     g = p.add_argument_group("audio input")
@@ -150,8 +169,20 @@ def validate(args) -> None:
         raise UsageError(f"--seconds must be in (0, {MAX_SECONDS:g}] (got {args.seconds:g})")
     if args.init_noise_level is not None and args.init_noise_level < 0.01:
         raise UsageError(f"--init-noise-level must be >= 0.01 (got {args.init_noise_level:g}); the model is undefined near 0")
-    if args.cfg < 0:
+    if args.cfg is not None and args.cfg < 0:
         raise UsageError(f"--cfg must be >= 0 (got {args.cfg:g}); 1 turns guidance off")
+    if not args.headroom >= 0:
+        raise UsageError(f"--headroom must be >= 0 seconds (got {args.headroom:g})")
+    if args.model is not None and (args.dit is not None or args.decoder is not None):
+        raise UsageError("--model brings its own DiT and codec; leave out --dit and --decoder")
+    from ..lora import parse_spec as parse_lora_spec
+
+    for spec in args.lora:
+        path, strength = parse_lora_spec(spec)
+        if not path.is_file():
+            raise UsageError(f"--lora {spec}: no such file {path}")
+        if not math.isfinite(strength):
+            raise UsageError(f"--lora {spec}: the strength must be a finite number")
     if not 0 <= args.apg <= 1:
         raise UsageError(f"--apg must be between 0 (vanilla CFG) and 1 (full projection) (got {args.apg:g})")
     if args.inpaint_range and args.init_audio is None:
@@ -172,7 +203,7 @@ def validate(args) -> None:
 
 def resolve_interactive(args) -> None:
     """Ask for what was left out: the model (and then the decoder), the prompt; draw a seed."""
-    if args.dit is None:
+    if args.dit is None and args.model is None:
         args.dit = pick("Choose a model:", list(hub.MODELS), "sm-music")
         if args.decoder is None:
             args.decoder = pick("Choose a decoder:", list(hub.CODECS), hub.MODELS[args.dit].codec)
@@ -246,15 +277,21 @@ def run(argv: list[str]) -> int:
     from ..pipeline import Pipeline, StageStats
 
     dtypes = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
-    pipe = Pipeline(args.dit, args.decoder, weights_dir=args.weights_dir, dit_dtype=dtypes.get(args.dit_dtype),
-                    codec_dtype=dtypes.get(args.codec_dtype), progress=interactive)
+    pipe = Pipeline(args.model or args.dit, args.decoder, weights_dir=args.weights_dir,
+                    dit_dtype=dtypes.get(args.dit_dtype), codec_dtype=dtypes.get(args.codec_dtype),
+                    progress=interactive, loras=args.lora)
     plan = pipe.plan(args.prompt, seconds=args.seconds, init_audio=init_audio, inpaint=args.inpaint_range,
-                     init_noise_level=args.init_noise_level)
+                     init_noise_level=args.init_noise_level, headroom=args.headroom)
     pipe.fetch(encoder=init_audio is not None)  # downloads happen before the clock starts
+    # The model's recommendations (distilled: 8 steps, no guidance; base: tens of steps with guidance).
+    args.steps = args.steps or pipe.defaults.steps
+    args.cfg = pipe.defaults.cfg if args.cfg is None else args.cfg
+    args.sampler = args.sampler or pipe.defaults.sampler
 
-    trained_codec = hub.MODELS[args.dit].codec
-    if pipe.codec_name != trained_codec:
-        display.warn(f"--decoder {pipe.codec_name}: {args.dit} was trained with {trained_codec}; expect degraded audio")
+    if args.model is None:
+        trained_codec = hub.MODELS[args.dit].codec
+        if pipe.codec_name != trained_codec:
+            display.warn(f"--decoder {pipe.codec_name}: {args.dit} was trained with {trained_codec}; expect degraded audio")
     if args.negative_prompt is not None and args.cfg == 1:
         display.warn("--negative-prompt is ignored while --cfg is 1 (guidance off)")
     for warning in plan.warnings:
@@ -265,8 +302,16 @@ def run(argv: list[str]) -> int:
         [("prompt", repr(args.prompt))]
         + ([("negative", repr(args.negative_prompt))] if args.negative_prompt is not None else [])
         + [
-            ("model", f"{args.dit}  decoder {pipe.codec_name}  dtypes: DiT {pipe.dtype_name}, codec {pipe.codec_dtype_name}"),
-            ("length", f"{args.seconds:g} s  ({plan.latents} latents)   steps {args.steps}   seed {args.seed}"),
+            ("model", f"{args.model or args.dit}  decoder {pipe.codec_name}  "
+                      f"dtypes: DiT {pipe.dtype_name}, codec {pipe.codec_dtype_name}"),
+        ]
+        + [("lora", f"{Path(f['file']).name} ({f['type']}, rank {f['rank']}) x {f['strength']:g}")
+           for f in pipe.loras.describe()]
+        + [
+            ("length", f"{args.seconds:g} s  ({plan.latents} latents"
+                       + (f", {plan.valid_latents} attended, headroom {args.headroom:g} s" if args.headroom else "")
+                       + f")   steps {args.steps} ({args.sampler}; model default {pipe.defaults.steps})"
+                       + f"   seed {args.seed}"),
             ("guidance", f"cfg {args.cfg:g}" + (f"  apg {args.apg:g}" if args.cfg != 1 else "  (off)")),
             ("noise level", f"{plan.init_noise_level:g}"),
         ]
@@ -288,7 +333,7 @@ def run(argv: list[str]) -> int:
             args.prompt, negative_prompt=args.negative_prompt, seconds=args.seconds, steps=args.steps,
             seed=args.seed, cfg=args.cfg, apg=args.apg, init_audio=init_audio,
             init_noise_level=args.init_noise_level, inpaint=args.inpaint_range, batch=args.num_outputs,
-            on_step=on_step, free_models=args.free_models,
+            on_step=on_step, free_models=args.free_models, headroom=args.headroom, sampler=args.sampler,
         )
     finally:
         display.stop_sampling()

@@ -129,9 +129,18 @@ def reproduce_command(meta: dict) -> str:
     words = ["sa3", "--prompt", meta["prompt"]]
     if meta.get("negative_prompt") is not None:
         words += ["--negative-prompt", meta["negative_prompt"]]
-    words += ["--dit", meta["model"], "--decoder", meta["codec"], "--seconds", repr(meta["seconds"]),
+    if meta["model"] in hub.MODELS:
+        words += ["--dit", meta["model"], "--decoder", meta["codec"]]
+    else:  # an original release (repo id or folder), which brings its own codec
+        words += ["--model", meta["model"]]
+    words += [w for lora in meta.get("loras", []) for w in ("--lora", f"{lora['file']}:{lora['strength']!r}")]
+    words += ["--seconds", repr(meta["seconds"]),
               "--steps", str(meta["steps"]), "--seed", str(meta["seed"]), "--cfg", repr(meta["cfg"]),
               "--apg", repr(meta["apg"]), "--dit-dtype", meta["dit_dtype"]]
+    if meta.get("sampler"):
+        words += ["--sampler", meta["sampler"]]
+    if meta.get("headroom"):
+        words += ["--headroom", repr(meta["headroom"])]
     if meta.get("init_audio"):
         words += ["--init-audio", meta["init_audio"]]
         words += [w for start, end in meta.get("inpaint", []) for w in ("--inpaint-range", f"{start!r},{end!r}")]

@@ -147,9 +147,9 @@ class DiTConditioning:
     # Per block: to_local_embed(local_add_cond), [B, T, E], or [1, 1, E] when there is no
     # local conditioning (the embedding of a zero vector, broadcast over batch and time).
     local_embeds: list[mx.array]
-    # Self-attention key mask [B, 1, 1, M + T] (True = valid; memory tokens always), or None
-    # when every latent is valid. Upstream generate() hides the padded tail of the latents.
-    key_mask: mx.array | None = None
+    # Self-attention value mask [B, 1, M + T, 1] (1 = valid; memory tokens always), or None
+    # when every latent is valid: upstream generate()'s padding mask for the padded tail.
+    value_mask: mx.array | None = None
 
 
 class LocalEmbed(nn.Module):
@@ -186,15 +186,15 @@ class DiTBlock(nn.Module):
         self.to_local_embed = LocalEmbed(config.local_add_cond_dim, E)
 
     def __call__(
-        self, x: mx.array, context_kv, adaln: mx.array, local_embed: mx.array, key_mask: mx.array | None = None
+        self, x: mx.array, context_kv, adaln: mx.array, local_embed: mx.array, value_mask: mx.array | None = None
     ) -> mx.array:
         """``x`` [B, M + T, E] (memory tokens first), ``context_kv`` this block's cross-attention
-        keys/values, ``adaln`` [B, 6E], ``local_embed`` [B|1, T|1, E], ``key_mask`` see DiTConditioning."""
+        keys/values, ``adaln`` [B, 6E], ``local_embed`` [B|1, T|1, E], ``value_mask`` see DiTConditioning."""
         modulation = (self.to_scale_shift_gate + adaln)[:, None, :]
         scale_self, shift_self, gate_self, scale_ff, shift_ff, gate_ff = mx.split(modulation, 6, axis=-1)
 
         h = self.pre_norm(x) * (1 + scale_self) + shift_self
-        x = x + self.self_attn(h, key_mask=key_mask) * mx.sigmoid(1 - gate_self)
+        x = x + self.self_attn(h, value_mask=value_mask) * mx.sigmoid(1 - gate_self)
 
         x = x + self.cross_attn(self.cross_attend_norm(x), context_kv=context_kv)
 
@@ -220,7 +220,7 @@ class ContinuousTransformer(nn.Module):
 
     def __call__(
         self, x: mx.array, context_kv: list, global_embed: mx.array, local_embeds: list[mx.array],
-        key_mask: mx.array | None = None,
+        value_mask: mx.array | None = None,
     ) -> mx.array:
         """``x`` [B, T, C_io] -> [B, T, C_io]; ``global_embed`` [B, E] includes the timestep."""
         h = self.project_in(x)
@@ -228,7 +228,7 @@ class ContinuousTransformer(nn.Module):
         h = mx.concatenate([memory, h], axis=1)
         adaln = run_layers(self.global_cond_embedder, global_embed)
         for layer, kv, local_embed in zip(self.layers, context_kv, local_embeds):
-            h = layer(h, kv, adaln, local_embed, key_mask)
+            h = layer(h, kv, adaln, local_embed, value_mask)
         return self.project_out(h[:, self.memory_tokens.shape[0]:])
 
 
@@ -269,8 +269,9 @@ class DiT(nn.Module):
         ``local_add_cond`` [B, T, C_local] channels-last (inpainting: mask, masked latents)
         or None, which equals an all-zero local conditioning (upstream ``generate()``
         passes zeros when not inpainting). ``padding_mask`` [B, T] (1 = valid latent) or
-        None (all valid): padded latents are hidden from the self-attention as keys
-        (they still get outputs), as upstream's ``padding_mask``.
+        None (all valid): the self-attention values of padded latents are zeroed, which is
+        what upstream's ``padding_mask`` does in its PyTorch SDPA path (the reference run;
+        its flash-attention varlen path drops those keys instead).
         """
         dtype = self.dtype
         context = run_layers(self.to_cond_embed, cross_attn_cond.astype(dtype))
@@ -280,12 +281,12 @@ class DiT(nn.Module):
         local_add_cond = local_add_cond.astype(dtype)
         local_embeds = [layer.to_local_embed(local_add_cond) for layer in self.transformer.layers]
         context_kv = [layer.cross_attn.context_keys_values(context) for layer in self.transformer.layers]
-        key_mask = None
+        value_mask = None
         if padding_mask is not None:
-            valid = mx.array(padding_mask).astype(mx.bool_)
-            memory = mx.ones((valid.shape[0], self.config.num_memory_tokens), dtype=mx.bool_)
-            key_mask = mx.concatenate([memory, valid], axis=1)[:, None, None, :]
-        return DiTConditioning(context, context_kv, global_embed, local_embeds, key_mask)
+            valid = mx.array(padding_mask).astype(dtype)
+            memory = mx.ones((valid.shape[0], self.config.num_memory_tokens), dtype=dtype)
+            value_mask = mx.concatenate([memory, valid], axis=1)[:, None, :, None]
+        return DiTConditioning(context, context_kv, global_embed, local_embeds, value_mask)
 
     def timestep_features(self, t: mx.array) -> mx.array:
         """Expo Fourier features of the timesteps ``t`` [B] -> [B, F], fp32."""
@@ -299,7 +300,7 @@ class DiT(nn.Module):
         """One step's velocity: ``x`` [B, C_io, T] channels-first -> ``v`` [B, C_io, T]."""
         x = x.astype(self.dtype).swapaxes(1, 2)
         h = self.preprocess_conv(x) + x
-        h = self.transformer(h, cond.context_kv, cond.global_embed + timestep_embed, cond.local_embeds, cond.key_mask)
+        h = self.transformer(h, cond.context_kv, cond.global_embed + timestep_embed, cond.local_embeds, cond.value_mask)
         out = self.postprocess_conv(h) + h
         return out.swapaxes(1, 2)
 

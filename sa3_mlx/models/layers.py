@@ -90,8 +90,7 @@ def merge_heads(x: mx.array) -> mx.array:
 
 
 def differential_attention(
-    q: mx.array, k: mx.array, v: mx.array, q_diff: mx.array, k_diff: mx.array, scale: float,
-    mask: mx.array | None = None,
+    q: mx.array, k: mx.array, v: mx.array, q_diff: mx.array, k_diff: mx.array, scale: float
 ) -> mx.array:
     """``softmax(q k^T) v - softmax(q_diff k_diff^T) v`` (heads layout ``[B, H, L, D]``).
 
@@ -100,8 +99,8 @@ def differential_attention(
     per-head norm after the subtraction (the Differential Transformer paper has
     both; the Stable Audio 3 checkpoints have neither).
     """
-    main = fastmath.attention(q, k, v, scale, mask)
-    diff = fastmath.attention(q_diff, k_diff, v, scale, mask)
+    main = fastmath.attention(q, k, v, scale)
+    diff = fastmath.attention(q_diff, k_diff, v, scale)
     return main - diff
 
 
@@ -164,13 +163,14 @@ class Attention(nn.Module):
         x: mx.array,
         context: mx.array | None = None,
         context_kv: tuple[list[mx.array], mx.array] | None = None,
-        key_mask: mx.array | None = None,
+        value_mask: mx.array | None = None,
     ) -> mx.array:
         """``x`` [B, L, dims] -> [B, L, dims].
 
         Cross-attention attends to ``context`` [B, S, dims], or to its precomputed
-        :meth:`context_keys_values`. ``key_mask`` (self-attention; bool, broadcastable
-        to [B, 1, 1, L], True = may be attended to) hides padded keys.
+        :meth:`context_keys_values`. ``value_mask`` (self-attention; [B, 1, L, 1], 1 =
+        valid) zeroes the values of padded positions: upstream's padding mask in its
+        PyTorch SDPA path ("V-zeroing"; the padded keys keep their softmax weight).
         """
         if self.cross:
             if context_kv is None:
@@ -190,10 +190,12 @@ class Attention(nn.Module):
             queries = [self._rope(self.q_norm(split_heads(q, self.num_heads))) for q in queries]
             keys = [self._rope(self.k_norm(split_heads(k, self.num_heads))) for k in keys]
             values = split_heads(values, self.num_heads)
+            if value_mask is not None:
+                values = values * value_mask
         if self.differential:
-            out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale, key_mask)
+            out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale)
         else:
-            out = fastmath.attention(queries[0], keys[0], values, self.scale, key_mask)
+            out = fastmath.attention(queries[0], keys[0], values, self.scale)
         return self.to_out(merge_heads(out))
 
     def _rope(self, x: mx.array) -> mx.array:
