@@ -1,7 +1,7 @@
 """The ``sa3`` command: a thin layer over :mod:`sa3_mlx.pipeline` and :mod:`sa3_mlx.audio`.
 
 ``sa3 [generate] ...`` generates (the default command); ``sa3 download``,
-``sa3 doctor`` and ``sa3 info`` are tools; ``sa3 studio`` serves the web page and
+``sa3 doctor``, ``sa3 info`` and ``sa3 convert`` are tools; ``sa3 studio`` serves the web page and
 HTTP API. Every failure is one line on stderr and exit code 2 (130 for Ctrl-C); no
 half-written output is left behind.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("generate", "download", "doctor", "info", "bench", "studio")
+COMMANDS = ("generate", "download", "doctor", "info", "bench", "studio", "convert")
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -30,6 +30,10 @@ def _dispatch(argv: list[str]) -> int:
         from ..studio.server import run as studio
 
         return studio(argv)
+    if command == "convert":
+        from ..convert import run as convert
+
+        return convert(argv)
     from . import tools
 
     return getattr(tools, command)(argv)
