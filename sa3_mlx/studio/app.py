@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +29,9 @@ from .settings import DEFAULTS, BadRequest, parse_settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 STREAM_POLL_S = 0.1
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+KEY_COOKIE = "sa3_studio_key"
 MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac"}
 
 
@@ -39,42 +44,85 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 
 class Guard:
-    """ASGI middleware: checks the API key on every request and bounds request bodies.
+    """ASGI middleware: on every request, the Host and Origin, the API key, and a bound on the body.
 
-    The key is accepted as ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or a
-    ``key`` query parameter (what an ``<audio src>`` or a first page load can send).
+    The key is accepted as ``Authorization: Bearer KEY``, ``X-API-Key: KEY``, a ``key``
+    query parameter (opening the page as ``/?key=KEY``), or the same-site cookie that
+    such a request sets.
     """
 
-    def __init__(self, app, api_key: str | None, max_body: int):
+    def __init__(self, app, api_key: str | None, max_body: int, loopback_only: bool = True):
         self.app = app
         self.api_key = api_key
         self.max_body = max_body
+        self.loopback_only = loopback_only
 
-    def _authorized(self, scope) -> bool:
-        if self.api_key is None:
-            return True
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        candidates = [headers.get("x-api-key", "")]
+    def _refusal(self, method: str, headers: dict) -> str | None:
+        """Why a request from a browser on another site must not act here (None: it may).
+
+        Bound to loopback, only loopback host names are served (a DNS-rebound name is not).
+        A state-changing request whose Origin is not this server is refused: web pages on other
+        sites could otherwise submit, cancel or delete jobs through the visitor's browser.
+        """
+        host = headers.get("host", "")
+        if self.loopback_only and urlsplit(f"//{host}").hostname not in LOOPBACK_NAMES:
+            return f"host {host!r} is not served: use http://127.0.0.1 or http://localhost"
+        origin = headers.get("origin")
+        if method not in SAFE_METHODS and origin is not None and urlsplit(origin).netloc != host:
+            return f"cross-origin request from {origin} refused"
+        return None
+
+    def _key_source(self, scope, headers: dict) -> str | None:
+        """Where a valid key came from ("header", "query" or "cookie"); None when none did."""
+        candidates = [("header", headers.get("x-api-key", ""))]
         auth = headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
-            candidates.append(auth[7:].strip())
-        from urllib.parse import parse_qs
-
-        candidates += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key", [])
-        return any(hmac.compare_digest(c.encode(), self.api_key.encode()) for c in candidates if c)
+            candidates.append(("header", auth[7:].strip()))
+        candidates += [("query", k) for k in parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key", [])]
+        cookie = SimpleCookie()
+        try:
+            cookie.load(headers.get("cookie", ""))
+        except CookieError:
+            pass
+        if KEY_COOKIE in cookie:
+            candidates.append(("cookie", cookie[KEY_COOKIE].value))
+        for source, key in candidates:
+            if key and hmac.compare_digest(key.encode(), self.api_key.encode()):
+                return source
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if not self._authorized(scope):
-            response = error(401, "missing or wrong API key (send Authorization: Bearer KEY or X-API-Key)",
-                             {"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._refusal(scope["method"], headers)
+        if refusal is not None:
+            return await error(403, refusal)(scope, receive, send)
+        if self.api_key is not None:
+            source = self._key_source(scope, headers)
+            if source is None:
+                response = error(401, "missing or wrong API key (send Authorization: Bearer KEY or X-API-Key)",
+                                 {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+            if source == "query":
+                # The page opened as /?key=KEY: a same-site cookie then carries the key for what the
+                # page loads itself (its script and style, <audio> sources, the event stream).
+                send = self._setting_cookie(send)
+        length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             response = error(413, f"request body over {self.max_body} bytes")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+    def _setting_cookie(self, send):
+        cookie = f"{KEY_COOKIE}={self.api_key}; Path=/; HttpOnly; SameSite=Strict".encode("latin-1")
+
+        async def send_with_cookie(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), (b"set-cookie", cookie)])
+            await send(message)
+
+        return send_with_cookie
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -101,17 +149,13 @@ def public_job(record: dict, base: str = "/api/jobs") -> dict:
     return record
 
 
-def build_app(studio: Studio, api_key: str | None = None) -> Starlette:
+def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = True) -> Starlette:
     limits = studio.limits
-
-    def job_or_404(job_id: str):
-        record = studio.get(job_id)
-        return record if record is not None else None
 
     async def health(request: Request):
         return JSONResponse(dict(status="ok", version=__version__, queued=studio.queue.qsize(),
                                  queue_size=studio.queue.maxsize,
-                                 model_loaded=studio._pipeline_key[0] if studio.pipeline else None))
+                                 model_loaded=studio.loaded_model))
 
     async def options(request: Request):
         return JSONResponse(dict(models=list(hub.MODELS), decoders=list(hub.CODECS),
@@ -153,7 +197,7 @@ def build_app(studio: Studio, api_key: str | None = None) -> Starlette:
         return JSONResponse(dict(jobs=[public_job(r) for r in records if r], total=total))
 
     async def get_job(request: Request):
-        record = job_or_404(request.path_params["job_id"])
+        record = studio.get(request.path_params["job_id"])
         if record is None:
             return error(404, "no such job")
         return JSONResponse(public_job(record))
@@ -248,4 +292,4 @@ def build_app(studio: Studio, api_key: str | None = None) -> Starlette:
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
     app.state.studio = studio
     # The body bound at the door is the largest any route takes; each route applies its own.
-    return Guard(app, api_key, max(limits.max_upload_bytes, limits.max_json_bytes))
+    return Guard(app, api_key, max(limits.max_upload_bytes, limits.max_json_bytes), loopback_only)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import __version__, hub
 from ..audio import FORMATS, SAMPLE_RATE, AudioError, read_audio, write_audio_files
+from ..hub import WeightsUnavailable
 from .history import History
 from .settings import ID_PATTERN, BadRequest, Limits
 
@@ -111,10 +112,15 @@ class Studio:
         self.jobs: dict[str, Job] = {}  # queued and running jobs (finished ones live in the history)
         self.pipeline = None
         self._pipeline_key: tuple | None = None  # (model, codec, dtype) of the loaded pipeline
+        self.stopping = False  # set by close(): jobs cut short say why
         self.durations: list[float] = []  # of recent jobs, for Retry-After
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._work, name="sa3-studio-worker", daemon=True)
         self._worker.start()
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self._pipeline_key[0] if self.pipeline is not None and self._pipeline_key else None
 
     # ---- jobs ------------------------------------------------------------------------
     def submit(self, settings: dict) -> Job:
@@ -155,8 +161,10 @@ class Studio:
         job = self.jobs.get(job_id)
         if job is None:
             return self.get(job_id)  # already finished: nothing to cancel
-        job.cancel_requested.set()
-        if job.status == "queued":
+        with self._lock:
+            job.cancel_requested.set()
+            queued = job.status == "queued"
+        if queued:  # the worker will skip it; a running job stops at its next step
             self._finish(job, "cancelled", error="cancelled before it started")
         return self._with_position(job) if job.id in self.jobs else job.live()
 
@@ -218,27 +226,37 @@ class Studio:
             job = self.queue.get()
             if job is None:
                 return
-            if job.cancel_requested.is_set():
-                if job.status == "queued" and job.id in self.jobs:
-                    self._finish(job, "cancelled", error="cancelled before it started")
-                continue
-            started = time.perf_counter()
-            job.update(status="running", stage="preparing", started=time.time())
             try:
-                self._run(job)
-                self._finish(job, "done")
-            except JobCancelled:
-                self._finish(job, "cancelled", error="cancelled")
-            except (BadRequest, AudioError, ValueError) as e:
-                self._finish(job, "failed", error=str(e))
-            except MemoryError:
-                self.pipeline = None  # start the next job from a clean slate
-                self._finish(job, "failed", error="out of memory (try shorter seconds or fewer outputs)")
-            except Exception as e:  # a crash fails this job only; the server keeps serving
+                self._work_on(job)
+            except Exception:  # e.g. the history cannot be written: report it, keep the worker alive
                 traceback.print_exc()
-                self.pipeline = None
-                self._finish(job, "failed", error=f"{type(e).__name__}: {e}")
-            self.durations.append(time.perf_counter() - started)
+
+    def _work_on(self, job: Job) -> None:
+        with self._lock:  # against a cancel arriving just now: the job either starts or is skipped
+            start = not job.cancel_requested.is_set() and job.id in self.jobs
+            if start:
+                job.update(status="running", stage="preparing", started=time.time())
+        if not start:
+            if job.id in self.jobs:
+                reason = "the server stopped" if self.stopping else "cancelled before it started"
+                self._finish(job, "cancelled", error=reason)
+            return
+        started = time.perf_counter()
+        try:
+            self._run(job)
+            self._finish(job, "done")
+        except JobCancelled:
+            self._finish(job, "cancelled", error="cancelled: the server stopped" if self.stopping else "cancelled")
+        except (BadRequest, AudioError, WeightsUnavailable, ValueError) as e:  # messages written for users
+            self._finish(job, "failed", error=str(e))
+        except MemoryError:
+            self.pipeline = None  # start the next job from a clean slate
+            self._finish(job, "failed", error="out of memory (try shorter seconds or fewer outputs)")
+        except Exception as e:  # a crash fails this job only; the server keeps serving
+            traceback.print_exc()
+            self.pipeline = None
+            self._finish(job, "failed", error=f"{type(e).__name__}: {e}")
+        self.durations.append(time.perf_counter() - started)
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
         with self._lock:
@@ -316,6 +334,7 @@ class Studio:
                                  init_noise_level_used=result.settings["init_noise_level"]))
 
     def close(self) -> None:
+        self.stopping = True
         for job in list(self.jobs.values()):
             job.cancel_requested.set()
         try:

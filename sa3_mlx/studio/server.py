@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import sys
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from ..cli.parsing import Parser, UsageError, positive_int
 from .settings import Limits
 
+API_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~-]{8,}")  # it travels in headers, URLs and a cookie as is
 DEFAULT_PORT = 7860  # the usual local audio/ML demo port (Gradio's)
 
 
@@ -52,6 +54,8 @@ def run(argv: list[str]) -> int:
     if not is_loopback(args.host) and not args.api_key:
         raise UsageError(f"--host {args.host} is reachable from other machines: pass --api-key KEY "
                          "(every request must then carry it)")
+    if args.api_key is not None and not API_KEY_PATTERN.fullmatch(args.api_key):
+        raise UsageError("--api-key must be at least 8 letters, digits or - _ . ~ (e.g. `openssl rand -hex 16`)")
     if args.weights_dir is not None and not args.weights_dir.is_dir():
         raise UsageError(f"--weights-dir {args.weights_dir}: no such folder")
     from ..cli.generate import MAX_SECONDS
@@ -69,7 +73,7 @@ def run(argv: list[str]) -> int:
     limits = Limits(max_seconds=args.max_seconds, max_steps=args.max_steps, max_batch=args.max_batch,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     studio = Studio(args.output_dir, weights_dir=args.weights_dir, limits=limits, queue_size=args.queue_size)
-    app = build_app(studio, api_key=args.api_key)
+    app = build_app(studio, api_key=args.api_key, loopback_only=is_loopback(args.host))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=2))
 

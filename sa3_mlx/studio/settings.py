@@ -100,6 +100,8 @@ def _init_audio(value) -> dict | None:
 
 
 def _inpaint(value, seconds: float) -> list[list[float]]:
+    if value is None:
+        return []
     if not isinstance(value, list) or len(value) > MAX_INPAINT_RANGES:
         raise BadRequest(f"inpaint must be a list of at most {MAX_INPAINT_RANGES} [start, end] pairs in seconds")
     ranges = []

@@ -14,6 +14,7 @@ const state = {
   regions: [],      // [[start, end], ...] seconds, on the input audio
   job: null,        // id of the job being watched
   events: null,     // its EventSource
+  poll: null,       // and its fallback poll timer
 };
 
 function withKey(url) {
@@ -198,31 +199,32 @@ async function submit(settings) {
 }
 
 function watch(job) {
-  if (state.events) state.events.close();
+  stopWatching();
   state.job = job.id;
   $("progress-box").hidden = false;
   $("cancel").hidden = false;
   showProgress(job);
   upsertJob(job);
-  const events = new EventSource(withKey(`/api/jobs/${job.id}/events`));
-  state.events = events;
-  events.addEventListener("job", (event) => {
-    const current = JSON.parse(event.data);
+  const update = (current) => {
+    if (state.job !== current.id) return;
     showProgress(current);
     upsertJob(current);
-    if (!["queued", "running"].includes(current.status)) {
-      events.close();
-      finishWatching(current);
-    }
-  });
-  events.onerror = () => {
-    // The stream ends when the job does; on a real drop, poll once for the final state.
-    events.close();
-    api("GET", `/api/jobs/${job.id}`).then((current) => {
-      upsertJob(current);
-      if (["queued", "running"].includes(current.status)) watch(current); else finishWatching(current);
-    }).catch((error) => say(error.message));
+    if (!["queued", "running"].includes(current.status)) finishWatching(current);
   };
+  const events = new EventSource(withKey(`/api/jobs/${job.id}/events`));
+  state.events = events;
+  events.addEventListener("job", (event) => update(JSON.parse(event.data)));
+  // The stream closes when the job ends; a slow poll covers a stream that drops or stalls.
+  events.onerror = () => events.close();
+  state.poll = setInterval(() => {
+    api("GET", `/api/jobs/${job.id}`).then(update).catch((error) => say(error.message));
+  }, 1500);
+}
+
+function stopWatching() {
+  if (state.events) state.events.close();
+  clearInterval(state.poll);
+  state.events = state.poll = null;
 }
 
 function showProgress(job) {
@@ -238,6 +240,7 @@ function showProgress(job) {
 }
 
 function finishWatching(job) {
+  stopWatching();
   state.job = null;
   $("progress-box").hidden = true;
   $("cancel").hidden = true;
