@@ -16,7 +16,6 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 # The released models' sizes, as their weight files give them (checked against the
 # official manifests in tests/test_manifests.py). Used only to build random weights.

@@ -106,6 +106,33 @@ class WeightDict(dict):
         return tuple(self[key].shape)
 
 
+class WeightView(Mapping):
+    """A lazy view of some keys of a weight mapping: arrays are read only when accessed."""
+
+    def __init__(self, weights: Mapping, keys: Iterable[str]):
+        self._weights = weights
+        self._keys = list(keys)
+        self._key_set = set(self._keys)
+        self.name = getattr(weights, "name", "<memory>")
+
+    def __getitem__(self, key: str):
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._weights[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return shape_of(self._weights, key)
+
+
 def shape_of(weights: Mapping, key: str) -> tuple[int, ...]:
     """Shape of one tensor without reading it where the mapping allows."""
     if hasattr(weights, "shape"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import sa3_mlx  # noqa: F401  (first: loads the fast BLAS before anything imports mlx)

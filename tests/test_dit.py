@@ -10,7 +10,6 @@ of the frequencies) moves cos/sin by up to ~1.6e-2, which moves ``v`` by up to
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
 
 import mlx.core as mx
 import numpy as np
@@ -21,7 +20,7 @@ from sa3_mlx.models.dit import DiT, DiTConfig, load_dit, sanitize
 from sa3_mlx.models.layers import run_layers
 from sa3_mlx.weights import WeightDict, WeightError
 
-from .util import assert_close, load_case
+from .util import ManifestWeights, assert_close, load_case
 
 VARIANTS = {
     "small": ("dit_sm_tiny_f16.npz", "case_dit_small.npz", "dit_sm_tiny_f16_config.json"),
@@ -166,32 +165,6 @@ def test_batch_rows_are_independent(model, case):
 # ---------------------------------------------------------------- config inference
 
 
-class ShapeOnlyWeights(Mapping):
-    """The keys and shapes of a manifest. Reading a DiT tensor is an error (nothing of the
-    full-size model is allocated); the small ``cond.*`` tensors read as zeros."""
-
-    def __init__(self, manifest: dict, name: str):
-        self._shapes = {k: tuple(v["shape"]) for k, v in manifest["keys"].items()}
-        self.name = name
-
-    def __getitem__(self, key: str):
-        if key.startswith("cond."):
-            return np.zeros(self._shapes[key], np.float16)
-        raise AssertionError(f"tensor '{key}' was read; only shapes may be used")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
-
-    def __contains__(self, key) -> bool:
-        return key in self._shapes
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-
 def test_config_from_golden_weights(golden, variant):
     expected = json.loads((golden / VARIANTS[variant][2]).read_text())
     config = DiTConfig.from_weights(golden_weights(golden, variant))
@@ -224,7 +197,7 @@ def test_config_from_golden_weights(golden, variant):
 )
 def test_config_from_full_size_manifest(manifests, manifest, embed_dim, num_heads, ff_inner, differential):
     data = json.loads((manifests / f"{manifest}.json").read_text())
-    weights = ShapeOnlyWeights(data, f"{manifest}_f16.npz")
+    weights = ManifestWeights(data, f"{manifest}_f16.npz", zeros_for=("cond.",))
     depth = len({k.split(".")[2] for k in weights if k.startswith("transformer.layers.")})
     config = DiTConfig.from_weights(weights)
     assert (config.embed_dim, config.num_heads, config.head_dim) == (embed_dim, num_heads, 64)

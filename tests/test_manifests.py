@@ -3,41 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
-
-import numpy as np
 from mlx.utils import tree_flatten
 
 from sa3_mlx.conditioning import Conditioner, ConditionerConfig
 from sa3_mlx.models.t5gemma import T5GemmaConfig, T5GemmaEncoder, sanitize as t5_sanitize
-
-
-class ManifestWeights(Mapping):
-    """Keys and shapes of a manifest; reading a tensor is an error, except the byte blobs given."""
-
-    def __init__(self, manifest: dict, name: str, blobs: dict[str, bytes] | None = None):
-        self._shapes = {k: tuple(v["shape"]) for k, v in manifest["keys"].items()}
-        self._blobs = {k: np.frombuffer(v, np.uint8) for k, v in (blobs or {}).items()}
-        for key, blob in self._blobs.items():
-            self._shapes[key] = blob.shape
-        self.name = name
-
-    def __getitem__(self, key: str):
-        if key in self._blobs:
-            return self._blobs[key]
-        raise AssertionError(f"tensor '{key}' was read; only shapes may be used")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
-
-    def __contains__(self, key) -> bool:
-        return key in self._shapes
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
+from tests.util import ManifestWeights
 
 
 def read(manifests, name):

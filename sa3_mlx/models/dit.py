@@ -20,7 +20,7 @@ holds is read from its tensor shapes, as are all sizes (:meth:`DiTConfig.from_we
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..weights import NpzWeights, WeightError, count_indexed, load_strict, require, shape_of
+from ..weights import NpzWeights, WeightError, WeightView, count_indexed, load_strict, require
 from .layers import Attention, FeedForward, expo_fourier_frequencies, fourier_features, run_layers, silu_mlp
 
 COND_PREFIX = "cond."
@@ -318,30 +318,6 @@ class DiT(nn.Module):
         return self.predict(x, self.embed_timestep(self.timestep_features(t)), cond)
 
 
-class _KeySubset(Mapping):
-    """A lazy view of some keys of a weight mapping (arrays are read on access)."""
-
-    def __init__(self, weights: Mapping, keys: list[str]):
-        self._weights = weights
-        self._keys = keys
-        self._key_set = set(keys)
-        self.name = getattr(weights, "name", "<memory>")
-
-    def __getitem__(self, key: str):
-        if key not in self._key_set:
-            raise KeyError(key)
-        return self._weights[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return shape_of(self._weights, key)
-
-
 def sanitize(weights: Mapping) -> tuple[Mapping, dict[str, np.ndarray]]:
     """Split an official DiT file into ``(dit_weights, cond_weights)``.
 
@@ -357,7 +333,7 @@ def sanitize(weights: Mapping) -> tuple[Mapping, dict[str, np.ndarray]]:
             cond_weights[key[len(COND_PREFIX):]] = weights[key]
         elif key != ROPE_INV_FREQ_KEY:
             dit_keys.append(key)
-    return _KeySubset(weights, dit_keys), cond_weights
+    return WeightView(weights, dit_keys), cond_weights
 
 
 def load_dit(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import numpy as np
 import sentencepiece as spm
 
 from . import fastmath
-from ..weights import NpzWeights, WeightError, count_indexed, load_strict, require, shape_of
+from ..weights import NpzWeights, WeightError, WeightView, count_indexed, load_strict, require, shape_of
 
 # Byte blobs and buffers in the weight file that are not module parameters.
 META_KEY = "META"
@@ -292,32 +292,10 @@ class Tokenizer:
         return self.processor.EncodeAsPieces(prompt)
 
 
-class _ParameterView(Mapping):
-    """The weight tensors of a file without its non-parameter entries, read lazily."""
-
-    def __init__(self, weights: Mapping, exclude: set[str]):
-        self._weights = weights
-        self._exclude = exclude
-        self._keys = [k for k in weights if k not in exclude]
-
-    def __getitem__(self, key: str):
-        if key in self._exclude:
-            raise KeyError(key)
-        return self._weights[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return shape_of(self._weights, key)
-
-
 def sanitize(weights: Mapping) -> Mapping:
     """File keys -> module parameters: the names already match; drop the blobs and buffers."""
-    return _ParameterView(weights, {META_KEY, TOKENIZER_KEY, ROPE_INV_FREQ_KEY})
+    blobs = {META_KEY, TOKENIZER_KEY, ROPE_INV_FREQ_KEY}
+    return WeightView(weights, [k for k in weights if k not in blobs])
 
 
 def load_t5gemma(
