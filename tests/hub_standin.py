@@ -1,14 +1,16 @@
 """A local stand-in for the Hugging Face file endpoints, for testing real downloads.
 
 It answers ``HEAD``/``GET /<repo>/resolve/<revision>/<path>`` the way the hub does
-(``X-Repo-Commit``, ``ETag``, ``Content-Length``; ``X-Error-Code`` on errors), so the
-real ``huggingface_hub`` download code runs against it on loopback.
+(``X-Repo-Commit``, ``ETag``, ``Content-Length``; ``X-Error-Code`` on errors) and the
+repo-info request ``snapshot_download`` starts with, so the real ``huggingface_hub``
+download code runs against it on loopback.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import threading
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -26,6 +28,23 @@ class HubStandIn:
 
             def _answer(self, body: bool) -> None:
                 standin.requests.append(f"{self.command} {self.path}")
+                api = f"/api/models/{standin.repo_id}/"
+                if self.path.startswith(api) and not standin.gated:
+                    # What snapshot_download asks first: the commit, then the file tree.
+                    if self.path.startswith(api + "revision/"):
+                        info = {"id": standin.repo_id, "sha": COMMIT,
+                                "siblings": [{"rfilename": name} for name in standin.files]}
+                    else:
+                        info = [{"type": "file", "path": name, "size": len(data),
+                                 "oid": hashlib.sha1(data).hexdigest()} for name, data in standin.files.items()]
+                    data = json.dumps(info).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if body:
+                        self.wfile.write(data)
+                    return
                 prefix = f"/{standin.repo_id}/resolve/"
                 if not self.path.startswith(prefix):
                     self.send_response(404)

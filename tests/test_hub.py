@@ -81,3 +81,32 @@ def test_files_for_each_model():
     assert hub.files_for("medium", encoder=True)[-2:] == ["same_l_decoder_f32.npz", "same_l_encoder_f32.npz"]
     with pytest.raises(ValueError):
         hub.files_for("large")
+
+
+def test_original_release_downloads_with_snapshot_and_runs_offline(golden, tmp_path):
+    """`--model owner/name`: snapshot_download of the release's files, then a run from the cache alone."""
+    root = golden / "upstream_ckpt"
+    files = {name: (root / name).read_bytes() for name in ("model_config.json", "model.safetensors")}
+    for path in sorted((root / "t5gemma-b-b-ul2").iterdir()):
+        files[f"t5gemma-b-b-ul2/{path.name}"] = path.read_bytes()
+    repo = "stabilityai/stable-audio-3-small-music"
+    cache = tmp_path / "cache"
+    cli = [sys.executable, "-m", "sa3_mlx.cli", "--model", repo, "--prompt", "lofi", "--seconds", "1", "--seed", "3",
+           "--overwrite"]
+
+    def run(out: str, **env):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        full_env.update(env, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
+                        PYTHONPATH=str(REPO))
+        return subprocess.run([*cli, "--out", str(tmp_path / out)], capture_output=True, text=True, env=full_env,
+                              timeout=300)
+
+    with HubStandIn(repo, files) as standin:
+        first = run("online.wav", HF_ENDPOINT=standin.url)
+    assert first.returncode == 0, first.stderr
+    assert any("/api/models/" in r for r in standin.requests)  # the real snapshot_download code path
+    snapshot = cache / "models--stabilityai--stable-audio-3-small-music" / "snapshots" / COMMIT
+    assert (snapshot / "model.safetensors").read_bytes() == files["model.safetensors"]
+    offline = run("offline.wav", HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr
+    assert (tmp_path / "online.wav").read_bytes() == (tmp_path / "offline.wav").read_bytes()
