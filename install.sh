@@ -82,6 +82,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 pip_quiet=(); [ "$quiet" = 1 ] && pip_quiet=(--quiet)
+# Quiet mode also hides the build backend's Python warnings (pip -q does not reach them).
+[ "$quiet" = 1 ] && export PYTHONWARNINGS=ignore
 extras=""; [ "$with_test" = 1 ] && extras="[test]"
 say "installing sa3-mlx with $mlx_spec"
 "$venv/bin/python" -m pip install "${pip_quiet[@]}" --disable-pip-version-check "$mlx_spec" -e "$here$extras"

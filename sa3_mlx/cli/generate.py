@@ -57,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="sa3",
         description="Stable Audio 3 in MLX: text-to-audio, audio-to-audio, inpainting and continuation. "
-        "Other commands: sa3 download, sa3 doctor, sa3 info FILE, sa3 convert REPO_OR_PATH OUT_DIR.",
+        "Other commands: sa3 download, sa3 doctor, sa3 info FILE, sa3 convert REPO_OR_PATH OUT_DIR, "
+        "sa3 studio, sa3 bench.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"sa3-mlx {__version__}")
     g = p.add_argument_group("what to generate")
     g.add_argument("--prompt", help='text prompt (asked for when omitted; "" = unconditional)')
     g.add_argument("--negative-prompt", help="what to steer away from (used when --cfg is not 1)")
