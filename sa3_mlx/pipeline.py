@@ -30,8 +30,8 @@ from .weights import NpzWeights, WeightDict
 SAMPLE_RATE = codec.SAMPLE_RATE
 SAMPLES_PER_LATENT = codec.SAMPLES_PER_LATENT
 PROMPT_TOKENS = 256  # the official MLX/TensorRT runners' T5 length: 256 tokens + 1 seconds token
-MIN_NOISE_LEVEL = 0.01
-DTYPE_NAMES = {mx.float32: "fp32", mx.float16: "fp16", mx.bfloat16: "bf16"}  # below this the schedule collapses and the model is undefined
+MIN_NOISE_LEVEL = 0.01  # below this the schedule collapses and the model is undefined
+DTYPE_NAMES = {mx.float32: "fp32", mx.float16: "fp16", mx.bfloat16: "bf16"}
 
 
 def latent_length(seconds: float, codec_name: str) -> int:
