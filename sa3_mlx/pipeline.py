@@ -112,6 +112,28 @@ class ModelDefaults:
 DISTILLED_DEFAULTS = ModelDefaults(steps=8, cfg=1.0, sampler="pingpong")
 
 
+def _predict_fn(dit: DiT) -> Callable:
+    """``(x, t, cond) -> v``; the conditioning is a tuple of arrays (what mx.compile takes as inputs)."""
+
+    def predict(x: mx.array, t: mx.array, cond: tuple) -> mx.array:
+        context_kv, global_embed, local_embeds, *value_mask = cond
+        step_cond = DiTConditioning(None, context_kv, global_embed, local_embeds, *value_mask)
+        return dit.predict(x, dit.embed_timestep(dit.timestep_features(t)), step_cond)
+
+    return predict
+
+
+def _guided_fn(dit: DiT, batch: int, guidance: Guidance) -> Callable:
+    """``(x, t, cond_and_uncond, (mask,) or ()) -> guided v``: cond and uncond in one batched forward."""
+    predict = _predict_fn(dit)
+
+    def guided(x: mx.array, t: mx.array, pair: tuple, extras: tuple) -> mx.array:
+        v = predict(mx.concatenate([x, x]), mx.concatenate([t, t]), pair)
+        return apply_guidance(x, t, v[:batch], v[batch:], guidance, *extras)
+
+    return guided
+
+
 class Pipeline:
     """Stable Audio 3 text-to-audio, audio-to-audio and inpainting with resident models.
 
@@ -169,6 +191,7 @@ class Pipeline:
         self.codec_dtype = codec_dtype or (mx.float16 if on_gpu and self.codec_name == "same-l" else mx.float32)
         # mx.compile fuses each sampler step into one graph: a large win on GPUs, none on CPUs.
         self.compile_steps = {"0": False, "1": True}.get(os.environ.get("SA3_COMPILE", ""), on_gpu)
+        self._compiled: dict = {}  # step functions compiled for the current DiT, see _step_function
         self._text = None  # (encoder, tokenizer)
         self._dit: DiT | None = None
         self._conditioner: Conditioner | None = None
@@ -230,7 +253,7 @@ class Pipeline:
         if index is not None and not 0 <= index < len(self.loras.files):
             raise ValueError(f"LoRA index {index} out of range (0..{len(self.loras.files) - 1})")
         self.loras.set_strength(strength, index)
-        self._dit = self._conditioner = None
+        self.free("dit")
 
     @property
     def dit(self) -> DiT:
@@ -269,6 +292,7 @@ class Pipeline:
         for part in parts or ("text", "dit", "decoder", "encoder"):
             if part == "dit":
                 self._dit = self._conditioner = None
+                self._compiled.clear()  # compiled steps hold the DiT
             else:
                 setattr(self, f"_{part}", None)
         _free()
@@ -326,6 +350,19 @@ class Pipeline:
                 uncond = mx.zeros_like(cross)  # upstream's null condition: every token zero
         return cross, global_cond, uncond
 
+    def _step_function(self, key, make: Callable[[], Callable]) -> Callable:
+        """A per-step function, compiled once per DiT and kept across generations (GPU).
+
+        Compiling traces the function; a fresh ``mx.compile`` every generation would
+        retrace it every time, which costs more than a step.
+        """
+        if not self.compile_steps:
+            return make()
+        cached = self._compiled.get(key)
+        if cached is None or cached[0] is not self.dit:
+            cached = self._compiled[key] = (self.dit, mx.compile(make()))
+        return cached[1]
+
     def sample(
         self,
         noise: mx.array,
@@ -369,24 +406,16 @@ class Pipeline:
                 None if mask is None else mx.concatenate([mask] * 2),
             ))
 
-        # The conditioning goes in as a tuple of arrays (what mx.compile accepts as inputs).
-        def predict(x: mx.array, t: mx.array, cond: tuple) -> mx.array:
-            context_kv, global_embed, local_embeds, *value_mask = cond
-            step_cond = DiTConditioning(None, context_kv, global_embed, local_embeds, *value_mask)
-            return dit.predict(x, dit.embed_timestep(dit.timestep_features(t)), step_cond)
-
-        def guided(x: mx.array, t: mx.array, pair: tuple) -> mx.array:
-            v = predict(mx.concatenate([x, x]), mx.concatenate([t, t]), pair)
-            return apply_guidance(x, t, v[:batch], v[batch:], guidance, mask)
-
-        if self.compile_steps:
-            # One fused graph per step; the conditioning is an input, so it is traced once per shape.
-            predict, guided = mx.compile(predict), mx.compile(guided)
+        predict = self._step_function("predict", lambda: _predict_fn(dit))
+        guided = self._step_function(
+            ("guided", batch, guidance, mask is not None), lambda: _guided_fn(dit, batch, guidance)
+        )
+        guided_extras = () if mask is None else (mask,)
 
         def velocity(x: mx.array, t: mx.array) -> mx.array:
             if uncond is None or not guidance.active_at(float(t[0])):
                 return predict(x, t, cond)
-            return guided(x, t, pair)
+            return guided(x, t, pair, guided_extras)
 
         steps = sigmas.shape[0] - 1
         x = noise.astype(self.dit_dtype)

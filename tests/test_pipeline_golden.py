@@ -37,7 +37,7 @@ def models(golden):
 def replay(models, case, cross, global_cond, uncond=None, guidance=Guidance(), local_cond=None):
     dit, _ = models
     pipe = Pipeline.__new__(Pipeline)  # only .sample is used: give it the loaded DiT
-    pipe._dit, pipe.dit_dtype, pipe.compile_steps = dit, mx.float32, False
+    pipe._dit, pipe.dit_dtype, pipe.compile_steps, pipe._compiled = dit, mx.float32, False, {}
     noise = mx.array(case["supplied_noise"])
     seen = []
 
