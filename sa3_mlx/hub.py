@@ -71,6 +71,36 @@ def local_file(weights_dir: str | Path, name: str) -> Path:
     )
 
 
+def _endpoint_host() -> str:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+
+
+def hub_reachable() -> bool:
+    """Whether the hub's host name resolves (offline mode counts as reachable: the library handles it)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        socket.getaddrinfo(_endpoint_host(), None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
+
+
+def quiet_hub_logs() -> None:
+    """huggingface_hub logs every retry as a warning; our own error line says what went wrong."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
+
+
 def hub_file(name: str, revision: str | None = None, progress: bool = True) -> Path:
     """Path of ``MLX/<name>`` in the local HF cache, downloading it first if needed."""
     from huggingface_hub import hf_hub_download
@@ -84,8 +114,19 @@ def hub_file(name: str, revision: str | None = None, progress: bool = True) -> P
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     filename = f"{REPO_FOLDER}/{name}"
+    if not hub_reachable():
+        # No name resolution at all: huggingface_hub would retry for ~25 s and then fall back
+        # to the cache; do that at once.
+        cached = cached_file(name)
+        if cached is not None:
+            return cached
+        raise WeightsUnavailable(
+            f"{filename} is not in the local Hugging Face cache and {_endpoint_host()} cannot be reached "
+            "(no network or DNS): connect and run `sa3 download`, or pass --weights-dir with the files"
+        )
     try:
         (enable_progress_bars if progress else disable_progress_bars)()
+        quiet_hub_logs()
         return Path(hf_hub_download(REPO_ID, filename, revision=revision))
     except GatedRepoError:
         raise WeightsUnavailable(

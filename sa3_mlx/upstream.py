@@ -844,11 +844,16 @@ def resolve(source: str | Path, progress: bool = True) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
+    from .hub import hub_reachable, quiet_hub_logs
+
     try:
         (enable_progress_bars if progress else disable_progress_bars)()
+        quiet_hub_logs()
         folder = snapshot_download(
             str(source),
             allow_patterns=[CONFIG_FILE, "model.safetensors*", f"{T5_SUBFOLDER}/*"],
+            # No DNS at all: use the cache at once instead of ~25 s of retries.
+            local_files_only=not hub_reachable(),
         )
     except RepositoryNotFoundError:
         raise UpstreamError(

@@ -110,3 +110,18 @@ def test_original_release_downloads_with_snapshot_and_runs_offline(golden, tmp_p
     offline = run("offline.wav", HF_HUB_OFFLINE="1")
     assert offline.returncode == 0, offline.stderr
     assert (tmp_path / "online.wav").read_bytes() == (tmp_path / "offline.wav").read_bytes()
+
+
+def test_unresolvable_hub_fails_fast_and_cache_still_serves(tmp_path):
+    """No DNS for the endpoint: a clear error at once (no ~25 s of retries), or the cached file."""
+    import time
+
+    cache = tmp_path / "cache"
+    start = time.perf_counter()
+    (missing,) = resolve_in_subprocess([hub.T5GEMMA_FILE], HF_ENDPOINT="http://hub.invalid", HF_HUB_CACHE=str(cache))
+    assert time.perf_counter() - start < 15
+    assert "cannot be reached" in missing["error"] and "--weights-dir" in missing["error"]
+    with HubStandIn(hub.REPO_ID, PAYLOAD) as standin:
+        resolve_in_subprocess([hub.T5GEMMA_FILE], HF_ENDPOINT=standin.url, HF_HUB_CACHE=str(cache))
+    (cached,) = resolve_in_subprocess([hub.T5GEMMA_FILE], HF_ENDPOINT="http://hub.invalid", HF_HUB_CACHE=str(cache))
+    assert Path(cached["path"]).read_bytes() == PAYLOAD["MLX/t5gemma_f16.npz"]
