@@ -109,6 +109,7 @@ def convert(source: str | Path, out_dir: str | Path, progress: bool = True) -> l
         manifest.update(
             dit_file=path.name, text=asdict(model.text), sampling=asdict(model.sampling),
             seconds_range=list(model.seconds_range), dit_config=model.dit_config,
+            training_seconds=model.training_seconds,
         )
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, indent=1))
@@ -138,6 +139,7 @@ class ConvertedModel:
             self.text = upstream.TextSpec(**manifest["text"])
             self.sampling = upstream.SamplingSpec(**manifest["sampling"])
             self.seconds_range = tuple(manifest["seconds_range"])
+            self.training_seconds = manifest.get("training_seconds")
             self.dit_config = manifest["dit_config"]
         self._dit_weights = None
 

@@ -461,6 +461,10 @@ class Pipeline:
         if inpaint and init_audio is None:
             raise ValueError("inpainting needs init audio")
         warnings = []
+        trained = self.upstream.training_seconds if self.upstream is not None else None
+        if trained is not None and seconds > trained + 1e-6:
+            warnings.append(f"{seconds:g} s is longer than the {trained:.0f} s this model was trained on; "
+                            "quality may drop")
         mode = "text-to-audio"
         if init_audio is not None:
             init_audio = np.asarray(init_audio, dtype=np.float32)

@@ -662,6 +662,7 @@ class UpstreamModel:
     text: TextSpec | None = None
     sampling: SamplingSpec | None = None
     seconds_range: tuple[float, float] = (0.0, 384.0)
+    training_seconds: float | None = None  # model_config's sample_size: clips beyond it are off-distribution
 
     @property
     def is_generator(self) -> bool:
@@ -759,7 +760,7 @@ def parse(root: Path) -> UpstreamModel:
     model_type = top.expect("model_type", ["diffusion_cond", "diffusion_cond_inpaint", "autoencoder"], required=True)
     sample_rate = top.expect("sample_rate", [44100], required=True)
     top.expect("audio_channels", [2], default=2)
-    top.get("sample_size")
+    sample_size = top.get("sample_size")  # the training length in samples
     model = top.child("model")
     # Training-time sections, and svd_bases_path: a pickled .pt of precomputed -xs LoRA bases, which
     # are recomputed from the weights instead (upstream's fallback when the file is absent).
@@ -813,9 +814,10 @@ def parse(root: Path) -> UpstreamModel:
     leftover = [k for k in tensors if not k.startswith((DIT_PREFIX, CONDITIONER_PREFIX, PRETRANSFORM_PREFIX))]
     if leftover:
         raise UpstreamError(f"{weights_file}: unexpected key(s): {', '.join(sorted(leftover)[:5])}")
+    training_seconds = sample_size / sample_rate if isinstance(sample_size, (int, float)) and sample_size > 0 else None
     return UpstreamModel(
         root, model_type, sample_rate, codec, same_weights, dit_kwargs, dit_weights, text,
-        SamplingSpec(objective, shift), seconds_range,
+        SamplingSpec(objective, shift), seconds_range, training_seconds,
     )
 
 

@@ -366,3 +366,11 @@ def test_text_encoder_from_the_configs_model_path(ckpt, tmp_path):
     assert model.text_folder() == ckpt / "t5gemma-b-b-ul2"
     encoder, tokenizer = model.load_text()
     assert encoder.config.hidden_size == 128 and tokenizer.padding_side == "right"
+
+
+def test_longer_than_training_length_warns(ckpt):
+    """model_config's sample_size (5292032 samples = 120 s) is the training length: beyond it, a warning."""
+    pipe = Pipeline(str(ckpt), progress=False)
+    assert pipe.upstream.training_seconds == 5292032 / 44100  # 120.0007 s
+    assert any("trained on" in w for w in pipe.plan("x", 200.0).warnings)
+    assert not pipe.plan("x", 60.0).warnings
