@@ -412,8 +412,8 @@ class Pipeline:
         )
         guided_extras = () if mask is None else (mask,)
 
-        def velocity(x: mx.array, t: mx.array) -> mx.array:
-            if uncond is None or not guidance.active_at(float(t[0])):
+        def velocity(x: mx.array, t: mx.array, level: float) -> mx.array:
+            if uncond is None or not guidance.active_at(level):
                 return predict(x, t, cond)
             return guided(x, t, pair, guided_extras)
 

@@ -184,35 +184,61 @@ def seeded_step_noise(seed: int) -> Callable[[int, tuple[int, ...], mx.Dtype], m
     return draw
 
 
+Velocity = Callable[[mx.array, mx.array, float], mx.array]
+"""``velocity(x, t, level)``: the (guided) model velocity at noise levels ``t`` [B]; ``level`` is
+the same noise level as a Python float, for decisions that must not wait for the device."""
+
+
+def _one_step_ahead(states: Iterator[mx.array]) -> Iterator[mx.array]:
+    """Evaluate each state, yielding it only once the next one is queued (``mx.async_eval``).
+
+    The device then starts the next step while the caller reports progress, instead of
+    idling between steps; every yielded array is fully evaluated.
+    """
+    pending = None
+    for x in states:
+        mx.async_eval(x)
+        if pending is not None:
+            mx.eval(pending)
+            yield pending
+        pending = x
+    if pending is not None:
+        mx.eval(pending)
+        yield pending
+
+
 def sample_pingpong(
-    velocity: Callable[[mx.array, mx.array], mx.array],
+    velocity: Velocity,
     x: mx.array,
     sigmas: mx.array,
     step_noise: Callable[[int, tuple[int, ...], mx.Dtype], mx.array],
 ) -> Iterator[mx.array]:
     """Run the pingpong sampler, yielding ``x`` after every step (the last is the result).
 
-    ``velocity(x, t)`` returns the (guided) model velocity for a batch of noise
-    levels ``t``. ``step_noise(i, shape, dtype)`` supplies the re-noise after step
-    ``i``; it is not called after the final step, whose next level is 0.
+    ``step_noise(i, shape, dtype)`` supplies the re-noise after step ``i``; it is not
+    called after the final step, whose next level is 0.
     """
     levels = [float(s) for s in sigmas.tolist()]
     steps = len(levels) - 1
-    for i in range(steps):
-        t_curr, t_next = levels[i], levels[i + 1]
-        t = mx.full((x.shape[0],), t_curr, dtype=mx.float32)
-        denoised = x - mx.array(t_curr, dtype=x.dtype) * velocity(x, t)
-        if i < steps - 1 and t_next > 0.0:
-            noise = step_noise(i, x.shape, x.dtype)
-            x = mx.array(1.0 - t_next, dtype=x.dtype) * denoised + mx.array(t_next, dtype=x.dtype) * noise
-        else:
-            x = denoised
-        mx.eval(x)
-        yield x
+
+    def states() -> Iterator[mx.array]:
+        nonlocal x
+        for i in range(steps):
+            t_curr, t_next = levels[i], levels[i + 1]
+            t = mx.full((x.shape[0],), t_curr, dtype=mx.float32)
+            denoised = x - mx.array(t_curr, dtype=x.dtype) * velocity(x, t, t_curr)
+            if i < steps - 1 and t_next > 0.0:
+                noise = step_noise(i, x.shape, x.dtype)
+                x = mx.array(1.0 - t_next, dtype=x.dtype) * denoised + mx.array(t_next, dtype=x.dtype) * noise
+            else:
+                x = denoised
+            yield x
+
+    return _one_step_ahead(states())
 
 
 def sample_euler(
-    velocity: Callable[[mx.array, mx.array], mx.array],
+    velocity: Velocity,
     x: mx.array,
     sigmas: mx.array,
     step_noise: Callable[[int, tuple[int, ...], mx.Dtype], mx.array] | None = None,
@@ -223,11 +249,15 @@ def sample_euler(
     ``step_noise`` is accepted for a uniform signature and never called.
     """
     levels = [float(s) for s in sigmas.tolist()]
-    for t_curr, t_next in zip(levels[:-1], levels[1:]):
-        t = mx.full((x.shape[0],), t_curr, dtype=mx.float32)
-        x = x + mx.array(t_next - t_curr, dtype=x.dtype) * velocity(x, t)
-        mx.eval(x)
-        yield x
+
+    def states() -> Iterator[mx.array]:
+        nonlocal x
+        for t_curr, t_next in zip(levels[:-1], levels[1:]):
+            t = mx.full((x.shape[0],), t_curr, dtype=mx.float32)
+            x = x + mx.array(t_next - t_curr, dtype=x.dtype) * velocity(x, t, t_curr)
+            yield x
+
+    return _one_step_ahead(states())
 
 
 SAMPLERS = {"pingpong": sample_pingpong, "euler": sample_euler}

@@ -80,7 +80,7 @@ def test_pingpong_last_step_returns_denoised():
     # With v = x - x0 (the exact velocity towards a fixed x0), every denoised estimate is x0.
     x0 = _rand((1, 3, 5), 6)
     noise = seeded_step_noise(1)
-    out = list(sample_pingpong(lambda x, t: (x - x0) / t.reshape(-1, 1, 1), _rand((1, 3, 5), 7), pingpong_schedule(4), noise))
+    out = list(sample_pingpong(lambda x, t, level: (x - x0) / t.reshape(-1, 1, 1), _rand((1, 3, 5), 7), pingpong_schedule(4), noise))
     assert len(out) == 4
     np.testing.assert_allclose(np.array(out[-1]), np.array(x0), atol=1e-5)
 

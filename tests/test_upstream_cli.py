@@ -140,7 +140,7 @@ def test_euler_integrates_the_flow():
     x = mx.random.normal((1, 4, 3), key=mx.random.key(0))
     v = mx.random.normal((1, 4, 3), key=mx.random.key(1))
     sigmas = build_schedule(5)
-    steps = list(sample_euler(lambda x_, t: v, x, sigmas))
+    steps = list(sample_euler(lambda x_, t, level: v, x, sigmas))
     assert len(steps) == 5
     np.testing.assert_allclose(np.array(steps[-1]), np.array(x - v), atol=1e-6)
 
