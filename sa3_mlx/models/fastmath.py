@@ -44,25 +44,27 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
     return mx.array(y)
 
 
+def _one_plus_exp_neg(a: np.ndarray) -> np.ndarray:
+    """``1 + exp(-a)``, the denominator of the logistic function, in a new array."""
+    y = np.negative(a)
+    np.exp(y, out=y)
+    y += 1.0
+    return y
+
+
 def silu(x: mx.array) -> mx.array:
     """``x * sigmoid(x)``."""
     if not _use_numpy(x) or (a := _host(x)) is None:
         return nn.silu(x)
-    y = np.negative(a)
-    np.exp(y, out=y)
-    y += 1.0
-    np.divide(a, y, out=y)
-    return mx.array(y)
+    y = _one_plus_exp_neg(a)
+    return mx.array(np.divide(a, y, out=y))
 
 
 def sigmoid(x: mx.array) -> mx.array:
     if not _use_numpy(x) or (a := _host(x)) is None:
         return mx.sigmoid(x)
-    y = np.negative(a)
-    np.exp(y, out=y)
-    y += 1.0
-    np.reciprocal(y, out=y)
-    return mx.array(y)
+    y = _one_plus_exp_neg(a)
+    return mx.array(np.reciprocal(y, out=y))
 
 
 def tanh(x: mx.array) -> mx.array:
