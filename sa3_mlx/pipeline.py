@@ -267,24 +267,21 @@ class Pipeline:
             self._load_dit()
         return self._conditioner
 
+    def _load_codec(self, role: str):
+        if self.upstream is not None:
+            return self.upstream.load_codec(role, dtype=self.codec_dtype)
+        return load_same(self._path(hub.codec_file(self.codec_name, role)), role=role, dtype=self.codec_dtype)
+
     @property
     def decoder(self):
-        if self._decoder is None and self.upstream is not None:
-            self._decoder = self.upstream.load_codec("decoder", dtype=self.codec_dtype)
         if self._decoder is None:
-            self._decoder = load_same(
-                self._path(hub.codec_file(self.codec_name, "decoder")), role="decoder", dtype=self.codec_dtype
-            )
+            self._decoder = self._load_codec("decoder")
         return self._decoder
 
     @property
     def encoder(self):
-        if self._encoder is None and self.upstream is not None:
-            self._encoder = self.upstream.load_codec("encoder", dtype=self.codec_dtype)
         if self._encoder is None:
-            self._encoder = load_same(
-                self._path(hub.codec_file(self.codec_name, "encoder")), role="encoder", dtype=self.codec_dtype
-            )
+            self._encoder = self._load_codec("encoder")
         return self._encoder
 
     def free(self, *parts: str) -> None:
@@ -618,12 +615,10 @@ class Pipeline:
         return noise, step_noise
 
     def _encode_init(self, audio: np.ndarray, n_lat: int) -> mx.array:
-        """Encode [2, samples] init audio to ``[1, 256, n_lat]`` latents (padded with silence)."""
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 2 or audio.shape[0] != 2:
-            raise ValueError(f"init audio must be [2, samples] (got shape {audio.shape})")
+        """Encode [2, samples] init audio (validated by :meth:`plan`) to ``[1, 256, n_lat]`` latents,
+        trimmed or padded with silence to the latent grid."""
         n_samples = n_lat * SAMPLES_PER_LATENT
-        audio = audio[:, :n_samples]
+        audio = np.asarray(audio, dtype=np.float32)[:, :n_samples]
         audio = np.pad(audio, ((0, 0), (0, n_samples - audio.shape[1])))
         latents = codec.encode(self.encoder, mx.array(audio[None]).astype(self.codec_dtype)).astype(mx.float32)
         return latents[..., :n_lat]
