@@ -14,11 +14,12 @@ __version__ = "0.1.0"
 
 from pathlib import Path
 
-from .backend import exact_fp32, load_fast_blas
+from .backend import exact_fp32, load_fast_blas, reuse_freed_memory
 
 # Before anything imports mlx: on Linux CPUs MLX then uses OpenBLAS/MKL (~30x faster
-# matmul), and on NVIDIA GPUs fp32 stays fp32 instead of TF32.
+# matmul) and reuses large freed buffers, and on NVIDIA GPUs fp32 stays fp32 instead of TF32.
 load_fast_blas()
+reuse_freed_memory()
 exact_fp32()
 
 

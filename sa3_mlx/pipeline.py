@@ -324,11 +324,17 @@ class Pipeline:
             raise ValueError(f"the weight files do not belong together: {detail}")
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
-        """T5Gemma embeddings ``[B, S, C]`` and their mask ``[B, S]`` (S = :attr:`prompt_tokens`)."""
+        """T5Gemma embeddings ``[B, S, C]`` (zero past the longest prompt) and their mask ``[B, S]`` (S = :attr:`prompt_tokens`)."""
         encoder, tokenizer = self.text
-        ids, mask = tokenizer.encode(list(prompts), max_length=self.prompt_tokens)
-        ids, mask = mx.array(ids), mx.array(mask)
-        return encoder(ids, mask), mask
+        ids, mask = (np.asarray(a) for a in tokenizer.encode(list(prompts), max_length=self.prompt_tokens))
+        # Padding is on the right and masked out of every real token's attention, and
+        # the conditioner replaces the pad positions' outputs; so encoding only up to
+        # the longest prompt gives the same embeddings (a short prompt: ~10x faster).
+        used = max(1, int(mask.sum(axis=1).max()))
+        embeds = encoder(mx.array(ids[:, :used]), mx.array(mask[:, :used]))
+        if used < ids.shape[1]:
+            embeds = mx.pad(embeds, [(0, 0), (0, ids.shape[1] - used), (0, 0)])
+        return embeds, mx.array(mask)
 
     def conditioning(
         self, prompt: str, negative_prompt: str | None, seconds: float, guidance: Guidance

@@ -113,6 +113,24 @@ def test_timestep_features_differ_only_by_fp32_rounding(model, case):
     assert (err <= 8 * FP32_EPS * (np.abs(args) + 1)).all(), f"max err {err.max():.3g}"
 
 
+def test_repeated_context_tokens_are_merged_exactly(model, case):
+    """A padded prompt (many equal tokens) gives the same v with the copies merged into
+    one weighted key as with every copy attended (fp32 summation order only)."""
+    x, t, cross, global_cond = inputs(case)
+    cross = np.array(cross)
+    cross[:, 3:] = cross[:, 2:3]  # every token after the third equal to it, as padding is
+    rows = np.stack([cross[0], np.roll(cross[0], -1, axis=0)])  # rows with different layouts
+    x, t, global_cond = (mx.concatenate([a, a]) for a in (x[:1], t[:1], global_cond[:1]))
+    cross = mx.array(rows)
+    t_embed = model.embed_timestep(model.timestep_features(t))
+    merged = model.condition(cross, global_cond)
+    assert merged.context.shape[1] == 3 and len(merged.context_kv[0]) == 3  # keys, values, key bias
+    full = model.condition(cross, global_cond, merge_repeats=False)
+    assert full.context.shape[1] == cross.shape[1]
+    assert_close(np.array(model.predict(x, t_embed, merged)), np.array(model.predict(x, t_embed, full)),
+                 atol=ATOL_SAME_FEATURES, what="v, merged vs every copy")
+
+
 # ---------------------------------------------------------------- intermediates
 
 

@@ -278,3 +278,21 @@ def test_rope_inv_freq_shape_is_checked(golden):
     weights["rope_inv_freq"] = weights["rope_inv_freq"][:16]
     with pytest.raises(WeightError, match="rope_inv_freq"):
         load_t5gemma(weights)
+
+
+def test_pipeline_encodes_only_up_to_the_longest_prompt(model, prompts):
+    """The pipeline runs the encoder on the used length only: real positions are unchanged
+    (pads are masked out of their attention); positions past the longest prompt are zero
+    (the conditioner replaces pad positions anyway)."""
+    from sa3_mlx.pipeline import Pipeline
+
+    encoder, tokenizer, _ = model
+    pipe = Pipeline.__new__(Pipeline)
+    pipe._text, pipe.upstream = (encoder, tokenizer), None
+    embeds, mask = pipe.encode_prompts(prompts)
+    ids, full_mask = tokenizer.encode(prompts, max_length=pipe.prompt_tokens)
+    full, full_mask = np.array(encoder(ids, full_mask)), np.array(full_mask)
+    assert np.array_equal(np.array(mask), full_mask) and full_mask.sum(axis=1).max() < full_mask.shape[1] // 2
+    real = full_mask.astype(bool)
+    assert_close(np.array(embeds)[real], full[real], atol=ATOL, what="real positions, short vs full length")
+    assert not np.array(embeds)[:, full_mask.sum(axis=1).max():].any()

@@ -66,7 +66,7 @@ def doctor(argv: list[str]) -> int:
 
     import mlx.core as mx
 
-    from ..backend import blas_status
+    from ..backend import blas_status, memory_reuse_status
 
     report: dict = {"sa3-mlx": __version__, "python": platform.python_version(),
                     "platform": f"{platform.system()} {platform.machine()}", "mlx": mx.__version__}
@@ -80,6 +80,7 @@ def doctor(argv: list[str]) -> int:
     blas, why = blas_status()
     if device.type == mx.DeviceType.cpu:
         report["blas"] = blas or f"bundled reference BLAS ({why})"
+        report["memory reuse"] = memory_reuse_status()
     report["fp32_matmul_gflops"] = round(matmul_gflops(), 1)
 
     weights = {}
@@ -102,15 +103,15 @@ def doctor(argv: list[str]) -> int:
     from rich.table import Table
 
     console = Console(highlight=False)
-    for key in ("sa3-mlx", "python", "platform", "mlx", "backend", "device", "blas"):
+    for key in ("sa3-mlx", "python", "platform", "mlx", "backend", "device", "blas", "memory reuse"):
         if key in report:
-            console.print(f"  [dim]{key:>10}[/dim]  {report[key]}")
+            console.print(f"  [dim]{key:>12}[/dim]  {report[key]}")
     if "device_info" in report:
         info = ", ".join(f"{k}={v}" for k, v in report["device_info"].items())
-        console.print(f"  [dim]{'details':>10}[/dim]  {info}")
+        console.print(f"  [dim]{'details':>12}[/dim]  {info}")
     rate = report["fp32_matmul_gflops"]
     slow = device.type == mx.DeviceType.cpu and rate < 50
-    console.print(f"  [dim]{'matmul':>10}[/dim]  {rate} GFLOP/s fp32" + ("  [yellow](slow: see README, 'Linux CPU')[/yellow]" if slow else ""))
+    console.print(f"  [dim]{'matmul':>12}[/dim]  {rate} GFLOP/s fp32" + ("  [yellow](slow: see README, 'Linux CPU')[/yellow]" if slow else ""))
     table = Table(title="weights", title_justify="left", box=None, padding=(0, 2))
     table.add_column("file")
     table.add_column("size", justify="right")

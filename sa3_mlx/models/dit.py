@@ -29,7 +29,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..weights import NpzWeights, WeightError, WeightView, count_indexed, load_strict, require
-from .layers import Attention, FeedForward, expo_fourier_frequencies, fourier_features, run_layers, silu_mlp
+from .layers import (
+    Attention, FeedForward, expo_fourier_frequencies, fourier_features, merge_repeated_tokens, run_layers, silu_mlp,
+)
 
 COND_PREFIX = "cond."
 # Upstream's RotaryEmbedding buffer, saved in the PyTorch state dict and possibly
@@ -141,8 +143,9 @@ class DiTConditioning:
     """
 
     context: mx.array  # [B, S, E] cross-attention tokens after to_cond_embed
-    # Per block: the cross-attention keys and values of the context (fixed across steps).
-    context_kv: list[tuple[list[mx.array], mx.array]]
+    # Per block: the cross-attention (keys, values[, key_bias]) of the context (fixed across
+    # steps); the key bias is there when repeated context tokens were merged.
+    context_kv: list[tuple]
     global_embed: mx.array  # [B, E] to_global_embed(global_cond), without the timestep
     # Per block: to_local_embed(local_add_cond), [B, T, E], or [1, 1, E] when there is no
     # local conditioning (the embedding of a zero vector, broadcast over batch and time).
@@ -262,6 +265,7 @@ class DiT(nn.Module):
         global_cond: mx.array,
         local_add_cond: mx.array | None = None,
         padding_mask: mx.array | None = None,
+        merge_repeats: bool = True,
     ) -> DiTConditioning:
         """Project the step-independent inputs once.
 
@@ -271,16 +275,22 @@ class DiT(nn.Module):
         passes zeros when not inpainting). ``padding_mask`` [B, T] (1 = valid latent) or
         None (all valid): the self-attention values of padded latents are zeroed, which is
         what upstream's ``padding_mask`` does in its PyTorch SDPA path (the reference run;
-        its flash-attention varlen path drops those keys instead).
+        its flash-attention varlen path drops those keys instead). In fp32, repeated
+        context tokens (the prompt's padding) are merged into one weighted key
+        (:func:`~sa3_mlx.models.layers.merge_repeated_tokens`) unless ``merge_repeats`` is False.
         """
         dtype = self.dtype
+        key_bias = None
+        if merge_repeats and dtype == mx.float32 and (merged := merge_repeated_tokens(cross_attn_cond)) is not None:
+            # Exact in fp32; in half precision the log-count bias would round (log 236 by ~4e-3 in fp16).
+            cross_attn_cond, key_bias = merged
         context = run_layers(self.to_cond_embed, cross_attn_cond.astype(dtype))
         global_embed = run_layers(self.to_global_embed, global_cond.astype(dtype))
         if local_add_cond is None:
             local_add_cond = mx.zeros((1, 1, self.config.local_add_cond_dim), dtype=dtype)
         local_add_cond = local_add_cond.astype(dtype)
         local_embeds = [layer.to_local_embed(local_add_cond) for layer in self.transformer.layers]
-        context_kv = [layer.cross_attn.context_keys_values(context) for layer in self.transformer.layers]
+        context_kv = [layer.cross_attn.context_keys_values(context, key_bias) for layer in self.transformer.layers]
         value_mask = None
         if padding_mask is not None:
             valid = mx.array(padding_mask).astype(dtype)

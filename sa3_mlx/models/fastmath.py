@@ -12,6 +12,9 @@ compiler fuses. Results agree to float32 rounding.
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +35,12 @@ def _host(x: mx.array) -> np.ndarray | None:
         return np.asarray(x)
     except ValueError:
         return None
+
+
+def on_host(x: mx.array) -> np.ndarray | None:
+    """``x`` as a numpy array when it should be computed on there (CPU, fp32, large,
+    not tracing), else None."""
+    return _host(x) if _use_numpy(x) else None
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
@@ -95,15 +104,152 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return mx.array(y)
 
 
+def glu(x: mx.array, activation: str = "silu") -> mx.array:
+    """``value * act(gate)`` with ``value, gate = split(x, 2, axis=-1)`` (value first).
+
+    ``activation``: ``"silu"`` or ``"sin_pi"`` (``sin(pi * gate)``). On the CPU path
+    the whole unit is one numpy pass per row block, spread over the cores, instead of
+    a split copy, an activation and a product.
+    """
+    if activation not in ("silu", "sin_pi"):
+        raise ValueError(f"unknown GLU activation {activation!r}")
+    if not _use_numpy(x) or (a := _host(x)) is None:
+        value, gate = mx.split(x, 2, axis=-1)
+        return value * (nn.silu(gate) if activation == "silu" else mx.sin(math.pi * gate))
+    rows = a.reshape(-1, a.shape[-1])
+    half = rows.shape[1] // 2
+    out = np.empty((rows.shape[0], half), dtype=np.float32)
+
+    def run(part: slice) -> None:
+        value, gate, o = rows[part, :half], rows[part, half:], out[part]
+        if activation == "silu":
+            np.negative(gate, out=o)
+            np.exp(o, out=o)
+            o += 1.0
+            np.divide(gate, o, out=o)
+        else:
+            np.multiply(gate, np.float32(math.pi), out=o)
+            np.sin(o, out=o)
+        o *= value
+
+    Workers.shared().split(rows.shape[0], run)
+    return mx.array(out.reshape(*a.shape[:-1], half))
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
     """``softmax(q k^T * scale + mask) v`` for ``[B, H, L, D]`` heads.
 
-    On GPUs this is MLX's fused SDPA kernel; on the CPU (where that kernel is the
-    same three steps) the softmax goes through :func:`softmax`.
+    On GPUs this is MLX's fused SDPA kernel. On the CPU, MLX runs the same three
+    steps with one BLAS call per head and scalar softmax loops (17 ms per small-DiT
+    layer at 30 s, measured); numpy with the heads spread over the cores takes 6 ms,
+    so large fp32 attention goes there. ``mask``: additive (broadcastable to the
+    scores) or boolean (True = visible).
     """
     if mx.default_device() != mx.cpu or q.dtype != mx.float32:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if q.size * k.shape[-2] >= NUMPY_MIN_ELEMENTS:
+        arrays = [_host(t) for t in (q, k, v)] + ([_host(mask)] if mask is not None else [])
+        if all(a is not None for a in arrays):  # else: inside mx.compile tracing
+            return _attention_on_host(*arrays[:3], scale, arrays[3] if mask is not None else None)
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = scores + mask if mask.dtype != mx.bool_ else mx.where(mask, scores, -math.inf)
     return softmax(scores, axis=-1) @ v
+
+
+def _attention_on_host(q, k, v, scale: float, mask) -> mx.array:
+    B, H, L, _ = q.shape
+    out = np.empty((B, L, H, v.shape[-1]), dtype=np.float32)  # merged-heads order: merge_heads is then free
+    out_heads = out.transpose(0, 2, 1, 3)
+    k, v = (np.broadcast_to(t, (B, H, *t.shape[2:])) for t in (k, v))
+    if mask is not None:
+        if mask.dtype == np.bool_:
+            mask = np.where(mask, np.float32(0), np.float32(-np.inf))
+        mask = np.broadcast_to(mask, (B, H, L, k.shape[2]))
+
+    def run(index: tuple) -> None:
+        attend(q[index], k[index], v[index], scale, out_heads[index], None if mask is None else mask[index])
+
+    # Spread the larger of batch and heads over the workers.
+    if B >= H:
+        Workers.shared().split(B, lambda part: run((part,)))
+    else:
+        Workers.shared().split(H, lambda part: run((slice(None), part)))
+    return mx.array(out).transpose(0, 2, 1, 3)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray,
+           bias: np.ndarray | None = None) -> None:
+    """``out[...] = softmax(q k^T * scale + bias) v`` in numpy, ``[..., L, D]`` stacks."""
+    scores = np.matmul(q, k.swapaxes(-1, -2))
+    scores *= np.float32(scale)
+    if bias is not None:
+        scores += bias
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    np.matmul(scores, v, out=out)
+
+
+class Workers:
+    """One thread per core for numpy work on the CPU path.
+
+    numpy's ufuncs and matmul release the GIL, so the threads run in parallel on
+    disjoint parts of an array. While they run, numpy's BLAS is kept single-threaded
+    (two BLAS threads sharing one small product is what made MLX's per-head calls
+    slow). That BLAS is numpy's own: MLX's is never touched, so nothing else running
+    is disturbed. When numpy shares MLX's BLAS, or its thread count cannot be set,
+    everything runs in the calling thread.
+    """
+
+    _instance: "Workers | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self.count = 1
+        self.blas = None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if cores > 1 and (blas := _numpy_only_blas()) is not None:
+            self.blas, self.count = blas, cores
+            self.pool = ThreadPoolExecutor(cores, thread_name_prefix="sa3-numpy")
+
+    @classmethod
+    def shared(cls) -> "Workers":
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def split(self, n: int, work) -> None:
+        """``work(part)`` for contiguous slices ``part`` covering ``range(n)``, one per worker."""
+        parts = min(self.count, n)
+        bounds = [slice(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+        if parts <= 1:
+            work(slice(0, n))
+            return
+        previous = self.blas.num_threads
+        self.blas.set_num_threads(1)
+        try:
+            for job in [self.pool.submit(work, part) for part in bounds]:
+                job.result()
+        finally:
+            self.blas.set_num_threads(previous)
+
+
+def _numpy_only_blas():
+    """threadpoolctl's handle on numpy's BLAS, if it is not also the BLAS MLX uses."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return None
+    from .. import backend
+
+    mlx_blas, _ = backend.blas_status()
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy/, numpy.libs/
+    found = [
+        lib for lib in threadpoolctl.ThreadpoolController().lib_controllers
+        if lib.user_api == "blas" and lib.filepath.startswith(os.path.join(numpy_dir, "numpy"))
+    ]
+    if len(found) != 1 or (mlx_blas and os.path.realpath(found[0].filepath) == os.path.realpath(mlx_blas)):
+        return None
+    return found[0]

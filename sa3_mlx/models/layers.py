@@ -46,19 +46,17 @@ def run_layers(layers: Sequence[Callable[[mx.array], mx.array]], x: mx.array) ->
 
 
 class GLU(nn.Module):
-    """Gated linear unit: ``value * activation(gate)`` with ``value, gate = proj(x).split(2)``.
+    """Gated linear unit: ``value * silu(gate)`` with ``value, gate = proj(x).split(2)``.
 
     The value half comes first, as in upstream ``GLU`` (``x, gate = x.chunk(2)``).
     """
 
-    def __init__(self, in_dims: int, out_dims: int, activation: Callable[[mx.array], mx.array] = fastmath.silu):
+    def __init__(self, in_dims: int, out_dims: int):
         super().__init__()
         self.proj = nn.Linear(in_dims, 2 * out_dims)
-        self.activation = activation
 
     def __call__(self, x: mx.array) -> mx.array:
-        value, gate = mx.split(self.proj(x), 2, axis=-1)
-        return value * self.activation(gate)
+        return fastmath.glu(self.proj(x), "silu")
 
 
 class FeedForward(nn.Module):
@@ -69,9 +67,9 @@ class FeedForward(nn.Module):
     rearrange slot upstream uses only for its convolutional variant.
     """
 
-    def __init__(self, dims: int, inner_dims: int, activation: Callable[[mx.array], mx.array] = fastmath.silu):
+    def __init__(self, dims: int, inner_dims: int):
         super().__init__()
-        self.ff = [GLU(dims, inner_dims, activation), nn.Identity(), nn.Linear(inner_dims, dims)]
+        self.ff = [GLU(dims, inner_dims), nn.Identity(), nn.Linear(inner_dims, dims)]
 
     def __call__(self, x: mx.array) -> mx.array:
         return run_layers(self.ff, x)
@@ -90,7 +88,8 @@ def merge_heads(x: mx.array) -> mx.array:
 
 
 def differential_attention(
-    q: mx.array, k: mx.array, v: mx.array, q_diff: mx.array, k_diff: mx.array, scale: float
+    q: mx.array, k: mx.array, v: mx.array, q_diff: mx.array, k_diff: mx.array, scale: float,
+    mask: mx.array | None = None,
 ) -> mx.array:
     """``softmax(q k^T) v - softmax(q_diff k_diff^T) v`` (heads layout ``[B, H, L, D]``).
 
@@ -99,8 +98,8 @@ def differential_attention(
     per-head norm after the subtraction (the Differential Transformer paper has
     both; the Stable Audio 3 checkpoints have neither).
     """
-    main = fastmath.attention(q, k, v, scale)
-    diff = fastmath.attention(q_diff, k_diff, v, scale)
+    main = fastmath.attention(q, k, v, scale, mask)
+    diff = fastmath.attention(q_diff, k_diff, v, scale, mask)
     return main - diff
 
 
@@ -148,15 +147,17 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
         self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
 
-    def context_keys_values(self, context: mx.array) -> tuple[list[mx.array], mx.array]:
-        """Cross-attention keys (normalised, per query set) and values for ``context`` [B, S, dims].
+    def context_keys_values(self, context: mx.array, key_bias: mx.array | None = None) -> tuple:
+        """Cross-attention ``(keys, values)`` for ``context`` [B, S, dims]: keys normalised, per query set.
 
         They depend only on the context, so a sampler computes them once per
-        generation instead of once per step.
+        generation instead of once per step. ``key_bias`` [B, 1, 1, S], added to the
+        attention logits, is carried as a third element (see :func:`merge_repeated_tokens`).
         """
         *keys, values = mx.split(self.to_kv(context), 3 if self.differential else 2, axis=-1)
         keys = [self.k_norm(split_heads(k, self.num_heads)) for k in keys]
-        return keys, split_heads(values, self.num_heads)
+        kv = (keys, split_heads(values, self.num_heads))
+        return kv if key_bias is None else (*kv, key_bias)
 
     def __call__(
         self,
@@ -168,16 +169,18 @@ class Attention(nn.Module):
         """``x`` [B, L, dims] -> [B, L, dims].
 
         Cross-attention attends to ``context`` [B, S, dims], or to its precomputed
-        :meth:`context_keys_values`. ``value_mask`` (self-attention; [B, 1, L, 1], 1 =
+        :meth:`context_keys_values` (with its key bias, if any). ``value_mask`` (self-attention; [B, 1, L, 1], 1 =
         valid) zeroes the values of padded positions: upstream's padding mask in its
         PyTorch SDPA path ("V-zeroing"; the padded keys keep their softmax weight).
         """
+        key_bias = None
         if self.cross:
             if context_kv is None:
                 if context is None:
                     raise ValueError("cross-attention needs a context")
                 context_kv = self.context_keys_values(context)
-            keys, values = context_kv
+            keys, values, *bias = context_kv
+            key_bias = bias[0] if bias else None
             queries = mx.split(self.to_q(x), 2 if self.differential else 1, axis=-1)
             queries = [self.q_norm(split_heads(q, self.num_heads)) for q in queries]
         else:
@@ -193,15 +196,43 @@ class Attention(nn.Module):
             if value_mask is not None:
                 values = values * value_mask
         if self.differential:
-            out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale)
+            out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale, key_bias)
         else:
-            out = fastmath.attention(queries[0], keys[0], values, self.scale)
+            out = fastmath.attention(queries[0], keys[0], values, self.scale, key_bias)
         return self.to_out(merge_heads(out))
 
     def _rope(self, x: mx.array) -> mx.array:
         if not self.rope_dims:
             return x
         return mx.fast.rope(x, self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
+
+
+def merge_repeated_tokens(tokens: mx.array) -> tuple[mx.array, mx.array] | None:
+    """Cross-attention context ``[B, S, C]`` with repeated tokens kept once: ``(tokens, key_bias)``.
+
+    Attention has no notion of key order outside RoPE, and equal context tokens give
+    equal keys and values, so ``n`` copies of a token act exactly as one copy whose
+    logit is raised by ``log n``: ``n e^s = e^(s + log n)``. A prompt padded to 256
+    tokens is mostly copies of the padding embedding, so the cross-attention shrinks
+    from 257 keys to a few dozen. Rows are padded to a common length with bias
+    ``-inf`` (no weight). ``key_bias`` is ``[B, 1, 1, S']``. None when nothing repeats.
+    """
+    host = np.asarray(tokens)
+    B, S, C = host.shape
+    rows = []
+    for row in host:
+        unique, first, counts = np.unique(row, axis=0, return_index=True, return_counts=True)
+        order = np.argsort(first)  # keep first-occurrence order: deterministic and readable
+        rows.append((unique[order], counts[order]))
+    length = max(len(u) for u, _ in rows)
+    if length == S:
+        return None
+    merged = np.zeros((B, length, C), dtype=host.dtype)
+    bias = np.full((B, 1, 1, length), -np.inf, dtype=np.float32)
+    for b, (unique, counts) in enumerate(rows):
+        merged[b, : len(unique)] = unique
+        bias[b, 0, 0, : len(unique)] = np.log(counts.astype(np.float64))
+    return mx.array(merged), mx.array(bias)
 
 
 def expo_fourier_frequencies(dim: int, min_freq: float = 0.5, max_freq: float = 10000.0) -> mx.array:

@@ -362,7 +362,10 @@ class SAMEAttention(nn.Module):
 
     def __call__(self, x: mx.array, window: tuple[int, int] | None = None) -> mx.array:
         """``x`` [B, N, dim]; ``window`` (left, right) in latents, or None for full attention."""
-        q, k, v, q_diff, k_diff = mx.split(self.to_qkv(x), 5, axis=-1)
+        qkv = self.to_qkv(x)
+        if window is None and (host := fastmath.on_host(qkv)) is not None:
+            return self.to_out(self._attend_on_host(host))
+        q, k, v, q_diff, k_diff = mx.split(qkv, 5, axis=-1)
         # Main and differential maps run as one attention over 2H heads on shared values.
         queries = mx.concatenate([split_heads(q, self.num_heads), split_heads(q_diff, self.num_heads)], axis=1)
         keys = mx.concatenate([split_heads(k, self.num_heads), split_heads(k_diff, self.num_heads)], axis=1)
@@ -377,6 +380,58 @@ class SAMEAttention(nn.Module):
         return self.to_out(merge_heads(main - diff))
 
 
+    def _attend_on_host(self, qkv: np.ndarray) -> mx.array:
+        """Norms, RoPE and differential attention in numpy (CPU path, full attention):
+        ``qkv`` [B, N, 5 dim] -> [B, N, dim], the batch spread over the cores.
+
+        The same math as the MLX path, in a few passes per part instead of a dozen
+        MLX ops with copies (MLX's CPU tanh and RoPE are scalar loops).
+        """
+        B, N, _ = qkv.shape
+        H, D, half = self.num_heads, self.q_norm.gamma.shape[0], self.rope_dims // 2
+        x = qkv.reshape(B, N, 5, H, D)
+        # DyT parameters per query/key set, in the order gathered below: q, k, q_diff, k_diff.
+        norms = [self.q_norm, self.k_norm, self.q_norm, self.k_norm]
+        alpha = np.stack([np.asarray(n.alpha, dtype=np.float32) for n in norms]).reshape(4, 1, 1)
+        gamma = np.stack([np.asarray(n.gamma, dtype=np.float32) for n in norms])[:, None]
+        beta = np.stack([np.asarray(n.beta, dtype=np.float32) for n in norms])[:, None]
+        cos, sin = _rope_table(N, self.rope_dims, self.rope_base)
+        out = np.empty((B, N, H, D), dtype=np.float32)
+
+        def run(part: slice) -> None:
+            qk = x[part][:, :, [0, 1, 3, 4]]  # [b, N, 4, H, D], a copy to work in
+            qk *= alpha
+            np.tanh(qk, out=qk)
+            qk *= gamma
+            qk += beta
+            # RoPE, half-split pairs: (a, b) -> (a cos - b sin, b cos + a sin).
+            first, second = qk[..., :half], qk[..., half : 2 * half]
+            first_sin = first * sin
+            first *= cos
+            first -= second * sin
+            second *= cos
+            second += first_sin
+            heads = qk.transpose(0, 2, 3, 1, 4)  # [b, 4, H, N, D]
+            values = x[part][:, :, 2].transpose(0, 2, 1, 3)
+            main = out[part].transpose(0, 2, 1, 3)
+            fastmath.attend(heads[:, 0], heads[:, 1], values, self.scale, main)
+            diff = np.empty_like(main)
+            fastmath.attend(heads[:, 2], heads[:, 3], values, self.scale, diff)
+            main -= diff
+
+        fastmath.Workers.shared().split(B, run)
+        return mx.array(out.reshape(B, N, H * D))
+
+
+def _rope_table(length: int, dims: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of RoPE angles (positions ``0..length-1``, ``dims`` rotated features,
+    half-split pairing), ``[length, 1, 1, dims // 2]`` fp32 for ``[b, N, sets, H, .]``."""
+    inv_freq = base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
+    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq
+    shape = (length, 1, 1, dims // 2)
+    return np.cos(angles).astype(np.float32).reshape(shape), np.sin(angles).astype(np.float32).reshape(shape)
+
+
 class SAMEFeedForward(nn.Module):
     """``proj_out(value * gate_fn(gate))`` with ``value, gate = glu_proj(x)``; SiLU or sin(pi x)."""
 
@@ -387,9 +442,7 @@ class SAMEFeedForward(nn.Module):
         self.proj_out = nn.Linear(inner_dims, dims)
 
     def __call__(self, x: mx.array) -> mx.array:
-        value, gate = mx.split(self.glu_proj(x), 2, axis=-1)
-        gate = fastmath.sin(math.pi * gate) if self.sin_gate else fastmath.silu(gate)
-        return self.proj_out(value * gate)
+        return self.proj_out(fastmath.glu(self.glu_proj(x), "sin_pi" if self.sin_gate else "silu"))
 
 
 class SAMEBlock(nn.Module):
