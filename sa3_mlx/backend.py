@@ -93,6 +93,11 @@ def load_fast_blas() -> str | None:
     if choice.lower() == "none":
         _reason = "disabled by SA3_BLAS=none"
         return None
+    # OpenBLAS's idle threads spin for ~2^28 cycles (~0.1 s) after each product, taking
+    # a core from the numpy work that follows on the CPU path (an attention right after
+    # the QKV product ran 11 ms instead of 7, measured). Sleep at once instead; waking
+    # costs microseconds against products of milliseconds.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     for path in [choice] if choice else candidates():
         if path and Path(path).is_file():
             try:

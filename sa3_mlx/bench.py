@@ -52,8 +52,10 @@ def random_pipeline(model: str, dit_dtype=None, codec_dtype=None):
     pipe = Pipeline(model, dit_dtype=dit_dtype, codec_dtype=codec_dtype, progress=False)
     encoder = T5GemmaEncoder(T5GemmaConfig(**RELEASED_T5GEMMA))
     pipe._text = (encoder, Tokenizer(_random_tokenizer(), pad_id=0))
-    pipe._dit = DiT(DiTConfig(**RELEASED_DIT[model]))
-    pipe._dit.set_dtype(pipe.dit_dtype)
+    dit = DiT(DiTConfig(**RELEASED_DIT[model]))
+    dit.set_dtype(pipe.dit_dtype)
+    mx.eval(dit.parameters())
+    pipe.adopt_dit(dit)
     pipe._conditioner = Conditioner(ConditionerConfig(cond_dim=768, seconds_features=256))
     same = RELEASED_SAME[hub.MODELS[model].codec]
     pipe._decoder = SAMEDecoder(

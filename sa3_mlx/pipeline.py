@@ -22,6 +22,7 @@ from . import codec, hub, upstream
 from .conditioning import Conditioner, load_conditioner
 from .lora import LoraStack
 from .models.dit import DiT, DiTConditioning, load_dit
+from .models.layers import store_linear_weights_transposed
 from .models.same import load_same
 from .models.t5gemma import load_t5gemma
 from .sampling import SAMPLERS, Guidance, apply_guidance, build_schedule, paste_back, seeded_step_noise
@@ -226,6 +227,16 @@ class Pipeline:
         return self._text
 
     def _load_dit(self) -> None:
+        self._load_dit_weights()
+        self.adopt_dit(self._dit)
+
+    def adopt_dit(self, dit: DiT) -> None:
+        """Use ``dit``, laid out for this device (CPU fp32: weights stored for plain BLAS products)."""
+        if mx.default_device() == mx.cpu and self.dit_dtype == mx.float32:
+            store_linear_weights_transposed(dit)
+        self._dit = dit
+
+    def _load_dit_weights(self) -> None:
         if self.upstream is not None:
             weights = self.loras.apply(self.upstream.dit_weights) if self.loras.files else None
             self._dit, self._conditioner = self.upstream.load_dit(self.dit_dtype, weights)

@@ -17,7 +17,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from sa3_mlx.models.dit import DiT, DiTConfig, load_dit, sanitize
-from sa3_mlx.models.layers import run_layers
+from sa3_mlx.models.layers import run_layers, store_linear_weights_transposed
 from sa3_mlx.weights import WeightDict, WeightError
 
 from .util import ManifestWeights, assert_close, load_case
@@ -124,11 +124,25 @@ def test_repeated_context_tokens_are_merged_exactly(model, case):
     cross = mx.array(rows)
     t_embed = model.embed_timestep(model.timestep_features(t))
     merged = model.condition(cross, global_cond)
-    assert merged.context.shape[1] == 3 and len(merged.context_kv[0]) == 3  # keys, values, key bias
+    assert merged.context.shape[1] == 3 and "key_bias" in merged.context_kv[0]
     full = model.condition(cross, global_cond, merge_repeats=False)
     assert full.context.shape[1] == cross.shape[1]
     assert_close(np.array(model.predict(x, t_embed, merged)), np.array(model.predict(x, t_embed, full)),
                  atol=ATOL_SAME_FEATURES, what="v, merged vs every copy")
+
+
+def test_transposed_weight_storage_changes_only_the_layout(golden, variant, case):
+    """The CPU layout (Linear weights kept as views of [in, out] arrays) leaves every
+    parameter's shape and value as loaded, and v equal up to summation order."""
+    model = load_dit(golden_weights(golden, variant))[0]
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    expected = np.array(model(*inputs(case)))
+    store_linear_weights_transposed(model)
+    after = dict(tree_flatten(model.parameters()))
+    assert before.keys() == after.keys()
+    for key, value in after.items():
+        assert np.array_equal(np.array(value), before[key]), key
+    assert_close(np.array(model(*inputs(case))), expected, atol=ATOL_SAME_FEATURES, what="v, transposed storage")
 
 
 # ---------------------------------------------------------------- intermediates

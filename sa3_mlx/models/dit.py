@@ -143,9 +143,9 @@ class DiTConditioning:
     """
 
     context: mx.array  # [B, S, E] cross-attention tokens after to_cond_embed
-    # Per block: the cross-attention (keys, values[, key_bias]) of the context (fixed across
-    # steps); the key bias is there when repeated context tokens were merged.
-    context_kv: list[tuple]
+    # Per block: the cross-attention keys and values of the context (fixed across steps),
+    # see Attention.context_keys_values.
+    context_kv: list[dict]
     global_embed: mx.array  # [B, E] to_global_embed(global_cond), without the timestep
     # Per block: to_local_embed(local_add_cond), [B, T, E], or [1, 1, E] when there is no
     # local conditioning (the embedding of a zero vector, broadcast over batch and time).

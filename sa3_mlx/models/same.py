@@ -360,9 +360,10 @@ class SAMEAttention(nn.Module):
     def _rope(self, x: mx.array) -> mx.array:
         return mx.fast.rope(x, self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
 
-    def __call__(self, x: mx.array, window: tuple[int, int] | None = None) -> mx.array:
-        """``x`` [B, N, dim]; ``window`` (left, right) in latents, or None for full attention."""
-        qkv = self.to_qkv(x)
+    def __call__(self, x: mx.array | None, window: tuple[int, int] | None = None, qkv: mx.array | None = None) -> mx.array:
+        """``x`` [B, N, dim]; ``window`` (left, right) in latents, or None for full attention.
+        ``qkv``: ``to_qkv(x)`` when the caller has it (then ``x`` is not used)."""
+        qkv = self.to_qkv(x) if qkv is None else qkv
         if window is None and (host := fastmath.on_host(qkv)) is not None:
             return self.to_out(self._attend_on_host(host))
         q, k, v, q_diff, k_diff = mx.split(qkv, 5, axis=-1)
@@ -381,55 +382,21 @@ class SAMEAttention(nn.Module):
 
 
     def _attend_on_host(self, qkv: np.ndarray) -> mx.array:
-        """Norms, RoPE and differential attention in numpy (CPU path, full attention):
-        ``qkv`` [B, N, 5 dim] -> [B, N, dim], the batch spread over the cores.
-
-        The same math as the MLX path, in a few passes per part instead of a dozen
-        MLX ops with copies (MLX's CPU tanh and RoPE are scalar loops).
-        """
-        B, N, _ = qkv.shape
-        H, D, half = self.num_heads, self.q_norm.gamma.shape[0], self.rope_dims // 2
-        x = qkv.reshape(B, N, 5, H, D)
-        # DyT parameters per query/key set, in the order gathered below: q, k, q_diff, k_diff.
+        """The CPU path of full attention (:func:`fastmath.self_attention_on_host`)."""
+        # DyT parameters per query/key set, in the order q, k, q_diff, k_diff.
         norms = [self.q_norm, self.k_norm, self.q_norm, self.k_norm]
         alpha = np.stack([np.asarray(n.alpha, dtype=np.float32) for n in norms]).reshape(4, 1, 1)
         gamma = np.stack([np.asarray(n.gamma, dtype=np.float32) for n in norms])[:, None]
         beta = np.stack([np.asarray(n.beta, dtype=np.float32) for n in norms])[:, None]
-        cos, sin = _rope_table(N, self.rope_dims, self.rope_base)
-        out = np.empty((B, N, H, D), dtype=np.float32)
 
-        def run(part: slice) -> None:
-            qk = x[part][:, :, [0, 1, 3, 4]]  # [b, N, 4, H, D], a copy to work in
+        def dyt(qk: np.ndarray) -> None:
             qk *= alpha
             np.tanh(qk, out=qk)
             qk *= gamma
             qk += beta
-            # RoPE, half-split pairs: (a, b) -> (a cos - b sin, b cos + a sin).
-            first, second = qk[..., :half], qk[..., half : 2 * half]
-            first_sin = first * sin
-            first *= cos
-            first -= second * sin
-            second *= cos
-            second += first_sin
-            heads = qk.transpose(0, 2, 3, 1, 4)  # [b, 4, H, N, D]
-            values = x[part][:, :, 2].transpose(0, 2, 1, 3)
-            main = out[part].transpose(0, 2, 1, 3)
-            fastmath.attend(heads[:, 0], heads[:, 1], values, self.scale, main)
-            diff = np.empty_like(main)
-            fastmath.attend(heads[:, 2], heads[:, 3], values, self.scale, diff)
-            main -= diff
 
-        fastmath.Workers.shared().split(B, run)
-        return mx.array(out.reshape(B, N, H * D))
-
-
-def _rope_table(length: int, dims: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of RoPE angles (positions ``0..length-1``, ``dims`` rotated features,
-    half-split pairing), ``[length, 1, 1, dims // 2]`` fp32 for ``[b, N, sets, H, .]``."""
-    inv_freq = base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
-    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq
-    shape = (length, 1, 1, dims // 2)
-    return np.cos(angles).astype(np.float32).reshape(shape), np.sin(angles).astype(np.float32).reshape(shape)
+        rope = fastmath.rope_table(qkv.shape[1], self.rope_dims, self.rope_base)
+        return fastmath.self_attention_on_host(qkv, self.num_heads, True, dyt, rope, self.scale)
 
 
 class SAMEFeedForward(nn.Module):
@@ -442,7 +409,7 @@ class SAMEFeedForward(nn.Module):
         self.proj_out = nn.Linear(inner_dims, dims)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.proj_out(fastmath.glu(self.glu_proj(x), "sin_pi" if self.sin_gate else "silu"))
+        return self.proj_out(fastmath.linear_glu(x, self.glu_proj, "sin_pi" if self.sin_gate else "silu"))
 
 
 class SAMEBlock(nn.Module):
@@ -453,8 +420,9 @@ class SAMEBlock(nn.Module):
         self.ff_norm = DyT(config.dim)
         self.ff = SAMEFeedForward(config.dim, config.ff_inner, sin_gate)
 
-    def __call__(self, x: mx.array, window: tuple[int, int] | None = None) -> mx.array:
-        x = x + self.attn(self.pre_norm(x), window)
+    def __call__(self, x: mx.array, window: tuple[int, int] | None = None, qkv: mx.array | None = None) -> mx.array:
+        """``qkv``: the attention's ``to_qkv(pre_norm(x))``, when the caller has it."""
+        x = x + self.attn(self.pre_norm(x) if qkv is None else None, window, qkv)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -491,20 +459,23 @@ class _SAMECodec(nn.Module):
         """``new_tokens`` broadcast to ``[batch, latents, count, dim]``."""
         return mx.broadcast_to(self.new_tokens[:, :, None], (batch, latents, count, self.config.dim))
 
-    def run_blocks(self, x: mx.array) -> mx.array:
-        """The blocks over ``x`` [B, latents x (stride + 1), dim] (latents on the window grid)."""
+    def run_blocks(self, x: mx.array, first_qkv: mx.array | None = None) -> mx.array:
+        """The blocks over ``x`` [B, latents x (stride + 1), dim] (latents on the window grid).
+        ``first_qkv``: the first block's ``to_qkv(pre_norm(x))`` [B, N, 5 dim], if known."""
         c = self.config
         if c.family == "l":
-            for block in self.blocks:
-                x = block(x, c.sliding_window)
+            for i, block in enumerate(self.blocks):
+                x = block(x, c.sliding_window, first_qkv if i == 0 else None)
             return x
 
         B, N, D = x.shape
         chunk, shift, split = c.chunk_tokens, c.shift_tokens, c.num_blocks // 2
         # First half: chunks on the grid, each one a separate sequence (RoPE restarts).
         x = x.reshape(-1, chunk, D)
-        for block in self.blocks[:split]:
-            x = block(x)
+        if first_qkv is not None:
+            first_qkv = first_qkv.reshape(x.shape[0], chunk, -1)
+        for i, block in enumerate(self.blocks[:split]):
+            x = block(x, None, first_qkv if i == 0 else None)
         # Second half: chunks shifted by half a chunk; the edges repeat their own half chunk.
         x = x.reshape(B, N, D)
         x = mx.concatenate([x[:, :shift], x, x[:, -shift:]], axis=1).reshape(-1, chunk, D)
@@ -539,10 +510,24 @@ class SAMEDecoder(_SAMECodec):
         c = self.config
         B, T, D = hidden.shape
         tokens = mx.concatenate([hidden[:, :, None], self._new_tokens(B, T, c.stride)], axis=2)
-        tokens = self.run_blocks(tokens.reshape(B, T * c.tokens_per_latent, D))
+        tokens = self.run_blocks(tokens.reshape(B, T * c.tokens_per_latent, D), self._first_qkv(hidden))
         # Each latent's first token (its input) is dropped; the new tokens become patches.
         out = tokens.reshape(B, T, c.tokens_per_latent, D)[:, :, 1:].reshape(B, T * c.stride, D)
         return self.mapping(out).transpose(0, 2, 1)
+
+    def _first_qkv(self, hidden: mx.array) -> mx.array:
+        """The first block's ``to_qkv(pre_norm(tokens))`` for the tokens of ``hidden`` [B, T, dim].
+
+        16 of every 17 tokens are the same ``new_tokens`` vector there, so its projection
+        is computed once and repeated: the latents' rows alone are multiplied (a 16/17
+        cut of that block's largest product).
+        """
+        B, T, _ = hidden.shape
+        first = self.blocks[0]
+        latent_rows = first.attn.to_qkv(first.pre_norm(hidden))[:, :, None]
+        new_row = first.attn.to_qkv(first.pre_norm(self.new_tokens))[:, :, None]
+        new_rows = mx.broadcast_to(new_row, (B, T, self.config.stride, new_row.shape[-1]))
+        return mx.concatenate([latent_rows, new_rows], axis=2).reshape(B, T * self.config.tokens_per_latent, -1)
 
     def __call__(self, latents: mx.array) -> mx.array:
         patches = self.decode_embedded(self.embed(latents))
