@@ -122,8 +122,18 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
         model=model, seconds=seconds, steps=steps, load_s=load, text_s=stages["text encoding"].seconds,
         sampling_s=sampling, ms_per_step=1000 * sampling / steps, decode_s=stages["decoding"].seconds,
         wall_s=wall, realtime=seconds / wall, peak_bytes=max(s.peak_bytes for _, r in runs for s in r.stages),
+        peak_rss_bytes=_peak_rss(),
         dit_dtype=pipe.dtype_name, codec_dtype=pipe.codec_dtype_name, latents=result.settings["latents"], repeats=repeat,
     )
+
+
+def _peak_rss() -> int:
+    """The process's peak resident memory in bytes: MLX's buffers plus numpy's and Python's
+    (on a CPU, MLX's own count misses the arrays of the numpy fast paths)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: kB
 
 
 def hardware() -> dict:
@@ -203,14 +213,16 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"hardware": hw, "results": results}, indent=2))
         return 0
     table = Table(box=None, padding=(0, 1))
-    for column in ("model", "seconds", "load", "text", "sampling", "ms/step", "decode", "wall", "x realtime", "peak mem"):
+    for column in ("model", "seconds", "load", "text", "sampling", "ms/step", "decode", "wall", "x realtime",
+                   "peak mem", "peak RSS"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in results:
         if "error" in r:
-            table.add_row(r["model"], f"{r['seconds']:g}", "[red]failed[/red]", *[""] * 7)
+            table.add_row(r["model"], f"{r['seconds']:g}", "[red]failed[/red]", *[""] * 8)
             continue
         table.add_row(r["model"], f"{r['seconds']:g}", f"{r['load_s']:.2f} s", f"{r['text_s'] * 1000:.0f} ms",
                       f"{r['sampling_s']:.2f} s", f"{r['ms_per_step']:.0f}", f"{r['decode_s']:.2f} s",
-                      f"{r['wall_s']:.2f} s", f"{r['realtime']:.1f}x", f"{r['peak_bytes'] / 1024**3:.2f} GB")
+                      f"{r['wall_s']:.2f} s", f"{r['realtime']:.1f}x", f"{r['peak_bytes'] / 1024**3:.2f} GB",
+                      f"{r['peak_rss_bytes'] / 1024**3:.2f} GB")
     console.print(table)
     return 0 if all("error" not in r for r in results) else 1

@@ -111,3 +111,14 @@ def test_cfg_negative_prompt_pad_zeroing_matches_upstream(golden, models):
     assert_close(np.array(latents), case["torch_latents_upstream_neg_mask_zeroing"], atol=TORCH_ATOL,
                  what="upstream negative-prompt zeroing")
     assert np.abs(np.array(latents) - case["latents"]).max() > 10 * MLX_ATOL, "the two conventions must differ"
+
+
+def test_block_by_block_steps_give_the_same_latents(golden, models, monkeypatch):
+    """Long clips step block by block (bounded GPU memory); the result is the same."""
+    import sa3_mlx.pipeline as pipeline
+
+    case = load_case(golden, "case_pipeline_t2a.npz")
+    args = (models, case, mx.array(case["cross_attn_batched"]), mx.array(case["global_cond_batched"]))
+    whole = np.array(replay(*args))
+    monkeypatch.setattr(pipeline, "STEP_MEMORY", 0)
+    assert_close(np.array(replay(*args)), whole, atol=1e-6, what="block by block vs whole steps")

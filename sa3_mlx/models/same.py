@@ -40,6 +40,8 @@ from ..weights import NpzWeights, WeightError, count_indexed, load_strict, requi
 from .layers import merge_heads, split_heads
 
 FAMILIES = ("s", "l")
+# Tokens per group when SAME-S chunks go through the blocks a group at a time on the CPU.
+CPU_GROUP_TOKENS = 1024
 ROLES = ("encoder", "decoder")
 MAPPING_KEY = "mapping.weight"
 
@@ -465,7 +467,7 @@ class _SAMECodec(nn.Module):
         c = self.config
         if c.family == "l":
             for i, block in enumerate(self.blocks):
-                x = block(x, c.sliding_window, first_qkv if i == 0 else None)
+                x = _evaluated(block(x, c.sliding_window, first_qkv if i == 0 else None))
             return x
 
         B, N, D = x.shape
@@ -474,14 +476,46 @@ class _SAMECodec(nn.Module):
         x = x.reshape(-1, chunk, D)
         if first_qkv is not None:
             first_qkv = first_qkv.reshape(x.shape[0], chunk, -1)
-        for i, block in enumerate(self.blocks[:split]):
-            x = block(x, None, first_qkv if i == 0 else None)
+        x = self._chunks_through(self.blocks[:split], x, first_qkv)
         # Second half: chunks shifted by half a chunk; the edges repeat their own half chunk.
         x = x.reshape(B, N, D)
         x = mx.concatenate([x[:, :shift], x, x[:, -shift:]], axis=1).reshape(-1, chunk, D)
-        for block in self.blocks[split:]:
-            x = block(x)
+        x = self._chunks_through(self.blocks[split:], x)
         return x.reshape(B, N + 2 * shift, D)[:, shift:-shift]
+
+    def _chunks_through(self, blocks: list, x: mx.array, first_qkv: mx.array | None = None) -> mx.array:
+        """Independent chunks ``x`` [chunks, chunk tokens, dim] through ``blocks``.
+
+        On the CPU, a group of chunks at a time: SAME-S chunks do not see each other,
+        so grouping changes nothing but the working set, which then stays in the caches
+        and is reused from group to group (0.6 s of a 30 s decode on the dev box,
+        measured). A GPU takes them all at once.
+        """
+        per_group = x.shape[0]
+        if mx.default_device() == mx.cpu:
+            per_group = max(1, CPU_GROUP_TOKENS // x.shape[1])
+        out = []
+        for start in range(0, x.shape[0], per_group):
+            h = x[start : start + per_group]
+            for i, block in enumerate(blocks):
+                qkv = first_qkv[start : start + per_group] if (i == 0 and first_qkv is not None) else None
+                h = _evaluated(block(h, None, qkv))
+            out.append(h)
+        return out[0] if len(out) == 1 else mx.concatenate(out)
+
+
+def _evaluated(x: mx.array) -> mx.array:
+    """``x``, evaluated now (outside ``mx.compile`` tracing).
+
+    A codec call is large: evaluated as one graph, a GPU keeps every block's
+    intermediate buffers until the whole graph has run (6-9 GB above the weights for a
+    120 s SAME-L decode on an H100, measured). Block by block, one block's are alive.
+    """
+    try:
+        mx.eval(x)
+    except ValueError:  # tracing: the caller evaluates
+        pass
+    return x
 
 
 class SAMEDecoder(_SAMECodec):
