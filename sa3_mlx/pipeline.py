@@ -338,7 +338,8 @@ class Pipeline:
             raise ValueError(f"the weight files do not belong together: {detail}")
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
-        """T5Gemma embeddings ``[B, S, C]`` (zero past the longest prompt) and their mask ``[B, S]`` (S = :attr:`prompt_tokens`)."""
+        """T5Gemma embeddings ``[B, S, C]`` (zero past the longest prompt) and their mask ``[B, S]``
+        (S = :attr:`prompt_tokens`)."""
         encoder, tokenizer = self.text
         ids, mask = (np.asarray(a) for a in tokenizer.encode(list(prompts), max_length=self.prompt_tokens))
         # Padding is on the right and masked out of every real token's attention, and
@@ -375,10 +376,7 @@ class Pipeline:
         """
         if not self.compile_steps:
             return make()
-        cached = self._compiled.get(key)
-        if cached is None or cached[0] is not self.dit:
-            cached = self._compiled[key] = (self.dit, mx.compile(make()))
-        return cached[1]
+        return self._kept_for_dit(key, lambda: mx.compile(make()))
 
     def _block_functions(self) -> list[Callable]:
         """The DiT's blocks as callables for block-by-block steps: compiled where steps are
@@ -386,9 +384,13 @@ class Pipeline:
         blocks = self.dit.transformer.layers
         if not self.compile_steps:
             return list(blocks)
-        cached = self._compiled.get("blocks")
+        return self._kept_for_dit("blocks", lambda: [mx.compile(block) for block in blocks])
+
+    def _kept_for_dit(self, key, make: Callable[[], object]) -> object:
+        """``make()``, built once per DiT (compiled functions hold the DiT they traced)."""
+        cached = self._compiled.get(key)
         if cached is None or cached[0] is not self.dit:
-            cached = self._compiled["blocks"] = (self.dit, [mx.compile(block) for block in blocks])
+            cached = self._compiled[key] = (self.dit, make())
         return cached[1]
 
     def sample(

@@ -1,12 +1,14 @@
-"""Softmax and transcendental activations that are fast on every MLX backend.
+"""The CPU fast paths, and the plain MLX ops they stand for everywhere else.
 
 MLX's CPU backend evaluates exp, tanh, sigmoid and sin one element at a time
-(12-17 ns per float32 element on the x86 dev box, measured), which made them about
-half of a DiT step and of a SAME decode on the CPU. numpy's SIMD loops take 0.6 ns.
-So on the CPU device, for arrays large enough to matter, these functions evaluate
-their input, compute with numpy and hand back a new MLX array; everywhere else
-(GPUs, small arrays, half precision) they are the plain MLX ops, which the GPU
-compiler fuses. Results agree to float32 rounding.
+(12-17 ns per float32 element on the x86 dev box, measured), and runs attention
+as one BLAS call per head plus scalar softmax loops; that was about half of a DiT
+step and of a SAME decode on the CPU. numpy's SIMD loops take 0.6 ns. So on the CPU
+device, for arrays large enough to matter, these functions evaluate their input,
+compute with numpy (split over the cores by :class:`Workers` where it pays: the
+attention, the GLU) and hand back a new MLX array; everywhere else (GPUs, small
+arrays, half precision, inside ``mx.compile``) they are the plain MLX ops, which the
+GPU compiler fuses. Results agree to float32 rounding (``tests/test_fastmath.py``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ def _host(x: mx.array) -> np.ndarray | None:
 
 
 def on_host(x: mx.array) -> np.ndarray | None:
-    """``x`` as a numpy array when it should be computed on there (CPU, fp32, large,
-    not tracing), else None."""
+    """``x`` as a numpy array when the work on it belongs on the host (CPU device, fp32,
+    large, not tracing), else None."""
     return _host(x) if _use_numpy(x) else None
 
 
@@ -133,7 +135,8 @@ def glu(x: mx.array, activation: str = "silu", bias: mx.array | None = None) -> 
         scratch = np.empty((block, half), dtype=np.float32)
         for start in range(part.start, part.stop, block):
             stop = min(start + block, part.stop)
-            value, gate, o, t = rows[start:stop, :half], rows[start:stop, half:], out[start:stop], scratch[: stop - start]
+            value, gate = rows[start:stop, :half], rows[start:stop, half:]
+            o, t = out[start:stop], scratch[: stop - start]
             if gate_bias is not None:
                 np.add(gate, gate_bias, out=o)
                 gate = o

@@ -362,7 +362,9 @@ class SAMEAttention(nn.Module):
     def _rope(self, x: mx.array) -> mx.array:
         return mx.fast.rope(x, self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
 
-    def __call__(self, x: mx.array | None, window: tuple[int, int] | None = None, qkv: mx.array | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array | None, window: tuple[int, int] | None = None, qkv: mx.array | None = None
+    ) -> mx.array:
         """``x`` [B, N, dim]; ``window`` (left, right) in latents, or None for full attention.
         ``qkv``: ``to_qkv(x)`` when the caller has it (then ``x`` is not used)."""
         qkv = self.to_qkv(x) if qkv is None else qkv
