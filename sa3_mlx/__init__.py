@@ -14,12 +14,13 @@ __version__ = "0.1.0"
 
 from pathlib import Path
 
-from .backend import exact_fp32, load_fast_blas, reuse_freed_memory
+from .backend import exact_fp32, load_fast_blas
 
-# Before anything imports mlx: on Linux CPUs MLX then uses OpenBLAS/MKL (~30x faster
-# matmul) and reuses large freed buffers, and on NVIDIA GPUs fp32 stays fp32 instead of TF32.
+# The only import-time effects, because they must precede any import of mlx: on Linux CPUs
+# MLX then uses OpenBLAS/MKL (~30x faster matmul), and on NVIDIA GPUs fp32 stays fp32
+# instead of TF32. Other process settings (memory reuse) are the entry points' to make
+# (sa3_mlx.runtime.configure_process: the CLI, the studio, bench and load() call it).
 load_fast_blas()
-reuse_freed_memory()
 exact_fp32()
 
 
@@ -38,7 +39,9 @@ def load(
     lazily on the first generation and stay resident.
     """
     from .pipeline import Pipeline
+    from .runtime import configure_process
 
+    configure_process()
     return Pipeline(model, codec, weights_dir=weights_dir, dit_dtype=dit_dtype, loras=loras)
 
 

@@ -9,7 +9,6 @@ depend on the values), so the benchmark needs no download.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -17,22 +16,7 @@ import subprocess
 import sys
 import time
 
-# The released models' sizes, as their weight files give them (checked against the
-# official manifests in tests/test_manifests.py). Used only to build random weights.
-RELEASED_T5GEMMA = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
-                        head_dim=64, intermediate_size=2048, vocab_size=256000, attn_logit_softcapping=50.0,
-                        query_pre_attn_scalar=64)
-_DIT_COMMON = dict(io_channels=256, head_dim=64, cond_token_dim=768, global_cond_dim=768, local_add_cond_dim=257,
-                   num_memory_tokens=64, timestep_features_dim=256)
-RELEASED_DIT = {
-    "sm-music": dict(embed_dim=1024, depth=20, num_heads=16, ff_inner=4096, differential=False, **_DIT_COMMON),
-    "medium": dict(embed_dim=1536, depth=24, num_heads=24, ff_inner=6144, differential=True, **_DIT_COMMON),
-}
-RELEASED_DIT["sm-sfx"] = RELEASED_DIT["sm-music"]
-RELEASED_SAME = {
-    "same-s": dict(family="s", dim=768, num_heads=12, head_dim=64, num_blocks=6, ff_inner=2304),
-    "same-l": dict(family="l", dim=1536, num_heads=24, head_dim=64, num_blocks=12, ff_inner=4608, sinusoidal_blocks=8),
-}
+from .settings import DTYPES
 
 DEFAULT_SECONDS = (5, 30, 120, 380)
 LONG_ONLY_FOR = "medium"  # the official matrix runs 380 s for the medium model only
@@ -40,51 +24,10 @@ LONG_ONLY_FOR = "medium"  # the official matrix runs 380 s for the medium model 
 
 def random_pipeline(model: str, dit_dtype=None, codec_dtype=None):
     """A Pipeline of the released architecture with random weights, nothing read from disk."""
-    import mlx.core as mx
-
-    from . import hub
-    from .conditioning import Conditioner, ConditionerConfig
-    from .models.dit import DiT, DiTConfig
-    from .models.same import SAMEConfig, SAMEDecoder
-    from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, Tokenizer
     from .pipeline import Pipeline
+    from .sources.modules import random_source
 
-    pipe = Pipeline(model, dit_dtype=dit_dtype, codec_dtype=codec_dtype, progress=False)
-    encoder = T5GemmaEncoder(T5GemmaConfig(**RELEASED_T5GEMMA))
-    pipe._text = (encoder, Tokenizer(_random_tokenizer(), pad_id=0))
-    dit = DiT(DiTConfig(**RELEASED_DIT[model]))
-    dit.set_dtype(pipe.dit_dtype)
-    mx.eval(dit.parameters())
-    pipe.adopt_dit(dit)
-    pipe._conditioner = Conditioner(ConditionerConfig(cond_dim=768, seconds_features=256))
-    same = RELEASED_SAME[hub.MODELS[model].codec]
-    pipe._decoder = SAMEDecoder(
-        SAMEConfig(role="decoder", latent_dim=256, io_channels=512, mapping_kernel=3 if same["family"] == "s" else 1, **same)
-    )
-    pipe._decoder.set_dtype(pipe.codec_dtype)
-    for module in (encoder, pipe._dit, pipe._conditioner, pipe._decoder):
-        mx.eval(module.parameters())
-    return pipe
-
-
-PROMPT = "warm analog synth arpeggio over a deep house groove, 124 BPM"
-
-
-def _random_tokenizer() -> bytes:
-    """A small SentencePiece model trained on the spot, in which :data:`PROMPT` takes
-    about as many pieces as with Gemma's 256k vocabulary (whole words, digits
-    split: 16 tokens with ``<bos>``), so text encoding and cross-attention cost about
-    what they do with the real tokenizer."""
-    import sentencepiece as spm
-
-    # Gemma's pieces for the prompt's words; the model learns each as one piece.
-    words = ["warm", "analog", "synth", "arp", "over", "a", "deep", "house", "groove", "BPM", ","]
-    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) + " arpeggio 124" for i in range(300)]
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=80, model_type="bpe",
-                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2, hard_vocab_limit=False,
-                                   split_digits=True)
-    return out.getvalue()
+    return Pipeline(source=random_source(model), dit_dtype=dit_dtype, codec_dtype=codec_dtype, progress=False)
 
 
 def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weights_dir: str | None,
@@ -92,20 +35,22 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
     """One benchmark cell in this process; returns its measurements."""
     import mlx.core as mx
 
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, dtype_of
+    from .runtime import configure_process
+    from .sources.modules import BENCH_PROMPT
 
-    dtypes = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
-    dtype, codec_dt = dtypes.get(dit_dtype or ""), dtypes.get(codec_dtype or "")
+    configure_process()
+    dtype, codec_dt = dtype_of(dit_dtype), dtype_of(codec_dtype)
     t0 = time.perf_counter()
     if random_weights:
         pipe = random_pipeline(model, dtype, codec_dt)
     else:
         pipe = Pipeline(model, weights_dir=weights_dir, dit_dtype=dtype, codec_dtype=codec_dt, progress=False)
         pipe.fetch()
-        _ = pipe.text, pipe.dit, pipe.decoder
+    _ = pipe.text, pipe.dit, pipe.decoder
     mx.synchronize()
     load = time.perf_counter() - t0
-    prompt = PROMPT
+    prompt = BENCH_PROMPT
     for _ in range(warmup):  # compiles kernels / warms caches on GPUs
         pipe.generate(prompt, seconds=seconds, steps=steps, seed=0)
     runs = []
@@ -123,7 +68,7 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
         sampling_s=sampling, ms_per_step=1000 * sampling / steps, decode_s=stages["decoding"].seconds,
         wall_s=wall, realtime=seconds / wall, peak_bytes=max(s.peak_bytes for _, r in runs for s in r.stages),
         peak_rss_bytes=_peak_rss(),
-        dit_dtype=pipe.dtype_name, codec_dtype=pipe.codec_dtype_name, latents=result.settings["latents"], repeats=repeat,
+        dit_dtype=pipe.dtype_name, codec_dtype=pipe.codec_dtype_name, latents=result.plan.latents, repeats=repeat,
     )
 
 
@@ -160,13 +105,15 @@ def hardware() -> dict:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sa3 bench", description=__doc__.split("\n\n")[0])
+    from .arguments import Parser
+
+    p = Parser(prog="sa3 bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sm-music,sm-sfx,medium", help="comma-separated (default all three)")
     p.add_argument("--seconds", default=",".join(map(str, DEFAULT_SECONDS)),
                    help="comma-separated clip lengths (default 5,30,120,380; 380 s for medium only)")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--dit-dtype", choices=("fp32", "fp16", "bf16"), help="default: fp32 on CPU, fp16 on GPU")
-    p.add_argument("--codec-dtype", choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--dit-dtype", choices=DTYPES, help="default: fp32 on CPU, fp16 on GPU")
+    p.add_argument("--codec-dtype", choices=DTYPES,
                    help="codec precision (default fp32; fp16 for SAME-L on GPU)")
     p.add_argument("--random-weights", action="store_true", help="full-size random weights in memory (no download)")
     p.add_argument("--weights-dir", help="local weights folder (default: the Hugging Face cache)")

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .audio import CHANNELS as AUDIO_CHANNELS
 from .models.same import SAMEDecoder, SAMEEncoder
 
-SAMPLE_RATE = 44100
-AUDIO_CHANNELS = 2
 PATCH_SIZE = 256  # samples per patch and channel
 PATCH_CHANNELS = AUDIO_CHANNELS * PATCH_SIZE
 PATCHES_PER_LATENT = 16

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .models.layers import expo_fourier_frequencies, fourier_features
-from .weights import WeightDict, WeightError, load_strict, shape_of
+import numpy as np
 
-COND_PREFIX = "cond."
+from .models.dit import COND_PREFIX
+from .models.layers import expo_fourier_frequencies, fourier_features
+from .settings import MAX_SECONDS
+from .weights import WeightDict, WeightError, load_strict, shape_of
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,11 @@ class ConditionerConfig:
     seconds_features: int
     # NumberConditioner range of the released models (upstream model_config: 0..384 s).
     seconds_min: float = 0.0
-    seconds_max: float = 384.0
+    seconds_max: float = MAX_SECONDS
 
     @classmethod
     def from_weights(
-        cls, weights: Mapping, file: str, seconds_range: tuple[float, float] = (0.0, 384.0)
+        cls, weights: Mapping, file: str, seconds_range: tuple[float, float] = (0.0, MAX_SECONDS)
     ) -> "ConditionerConfig":
         key = "seconds_total_weight"
         if key not in weights:
@@ -89,7 +91,7 @@ class Conditioner(nn.Module):
 
 
 def load_conditioner(
-    cond_weights: Mapping, file: str, seconds_range: tuple[float, float] = (0.0, 384.0)
+    cond_weights: Mapping, file: str, seconds_range: tuple[float, float] = (0.0, MAX_SECONDS)
 ) -> Conditioner:
     """Strictly load the ``cond.*`` tensors (keys given without the prefix), in float32.
 
@@ -104,3 +106,28 @@ def load_conditioner(
     except WeightError as e:
         raise WeightError(str(e).replace("key '", f"key '{COND_PREFIX}")) from None
     return conditioner
+
+
+class PromptEncoder:
+    """T5Gemma and its tokenizer at a fixed sequence length: prompts -> embeddings and mask."""
+
+    def __init__(self, encoder, tokenizer, max_length: int):
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @property
+    def width(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def encode(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
+        """Embeddings ``[B, S, C]`` (zero past the longest prompt) and their mask ``[B, S]`` (S = max_length)."""
+        ids, mask = (np.asarray(a) for a in self.tokenizer.encode(list(prompts), max_length=self.max_length))
+        # Padding is on the right and masked out of every real token's attention, and
+        # the conditioner replaces the pad positions' outputs; so encoding only up to
+        # the longest prompt gives the same embeddings (a short prompt: ~10x faster).
+        used = max(1, int(mask.sum(axis=1).max()))
+        embeds = self.encoder(mx.array(ids[:, :used]), mx.array(mask[:, :used]))
+        if used < ids.shape[1]:
+            embeds = mx.pad(embeds, [(0, 0), (0, ids.shape[1] - used), (0, 0)])
+        return embeds, mx.array(mask)

@@ -24,15 +24,12 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from . import upstream
-from .weights import NpzWeights, WeightDict
-
-MANIFEST = upstream.CONVERTED_MANIFEST
-TOKENIZER_DIR = "tokenizer"
-T5_FILE = "t5gemma_f16.npz"
+from .hub import CONVERTED_MANIFEST as MANIFEST
+from .hub import CONVERTED_TOKENIZER_DIR as TOKENIZER_DIR
+from .hub import T5GEMMA_FILE as T5_FILE
 # Repo name endings of the released generators -> the official DiT file names.
 OFFICIAL_NAMES = {"small-music": "sm-music", "small-sfx": "sm-sfx", "medium": "medium"}
 
@@ -67,7 +64,10 @@ def convert(source: str | Path, out_dir: str | Path, progress: bool = True) -> l
     """Convert ``source`` (repo id or folder) into ``out_dir``; returns the files written."""
     from .models.t5gemma import default_rope_inv_freq
 
-    model = upstream.load(source, progress=progress)
+    root = upstream.resolve(source, progress)
+    if (root / MANIFEST).is_file():
+        raise upstream.UpstreamError(f"{root} was written by sa3 convert already; it loads with --model as it is")
+    model = upstream.parse(root)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -115,78 +115,3 @@ def convert(source: str | Path, out_dir: str | Path, progress: bool = True) -> l
     path.write_text(json.dumps(manifest, indent=1))
     written.append(path)
     return written
-
-
-class ConvertedModel:
-    """A ``sa3 convert`` folder, with the surface :class:`~sa3_mlx.pipeline.Pipeline` uses
-    of :class:`~sa3_mlx.upstream.UpstreamModel`, read from the official-format files."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        try:
-            manifest = json.loads((root / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise upstream.UpstreamError(f"{root / MANIFEST}: cannot read ({e})") from None
-        self.model_type = manifest["model_type"]
-        codec = dict(manifest["codec"])
-        for key in ("decoder_overrides", "encoder_overrides"):
-            if "sliding_window" in codec[key]:
-                codec[key]["sliding_window"] = tuple(codec[key]["sliding_window"])
-        self.codec = upstream.CodecSpec(**codec)
-        self.is_generator = "dit_file" in manifest
-        if self.is_generator:
-            self.dit_file = root / manifest["dit_file"]
-            self.text = upstream.TextSpec(**manifest["text"])
-            self.sampling = upstream.SamplingSpec(**manifest["sampling"])
-            self.seconds_range = tuple(manifest["seconds_range"])
-            self.training_seconds = manifest.get("training_seconds")
-            self.dit_config = manifest["dit_config"]
-        self._dit_weights = None
-
-    @property
-    def dit_weights(self) -> dict:
-        """The stored DiT tensors (read on first use; LoRA merging starts from them)."""
-        if self._dit_weights is None:
-            npz = NpzWeights(self.dit_file)
-            self._dit_weights = {k: npz[k] for k in npz}
-            npz.close()
-        return self._dit_weights
-
-    def load_dit(self, dtype: mx.Dtype = mx.float32, weights=None):
-        from .conditioning import load_conditioner
-        from .models.dit import DiTConfig, load_dit
-
-        source = WeightDict(weights, self.dit_file.name) if weights is not None else self.dit_file
-        dit, config, cond = load_dit(source, dtype=dtype)
-        upstream.check_dit_config(config, DiTConfig(**self.dit_config), self.root / MANIFEST)
-        return dit, load_conditioner(cond, self.dit_file.name, seconds_range=self.seconds_range)
-
-    def load_codec(self, role: str, dtype: mx.Dtype = mx.float32):
-        from .models.same import load_same
-
-        overrides = self.codec.decoder_overrides if role == "decoder" else self.codec.encoder_overrides
-        path = self.root / f"same_{self.codec.family}_{role}_f32.npz"
-        model = load_same(path, role, family=self.codec.family, dtype=dtype, **overrides)
-        upstream.check_codec_sizes(model.config, self.codec, role, self.root / MANIFEST)
-        return model
-
-    def load_text(self, dtype: mx.Dtype = mx.float32):
-        """The official T5 file's encoder with the release's own tokenizer (BOS, padding side)."""
-        from .models.t5gemma import load_t5gemma
-
-        encoder, _, _ = load_t5gemma(self.root / T5_FILE, dtype=dtype)
-        return encoder, upstream.HFTokenizer(self.root / TOKENIZER_DIR)
-
-
-def run(argv: list[str]) -> int:
-    """``sa3 convert REPO_OR_PATH OUT_DIR``."""
-    from .cli.parsing import Parser
-
-    p = Parser(prog="sa3 convert", description="Convert an original Stable Audio 3 release (Hugging Face repo "
-               "or local folder with model_config.json) into the official MLX file set.")
-    p.add_argument("source", metavar="REPO_OR_PATH")
-    p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
-    args = p.parse_args(argv)
-    for path in convert(args.source, args.out_dir):
-        print(path)
-    return 0

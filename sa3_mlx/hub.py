@@ -33,6 +33,16 @@ MODELS: dict[str, ModelSpec] = {
 }
 CODECS = {"same-s": "same_s", "same-l": "same_l"}
 T5GEMMA_FILE = "t5gemma_f16.npz"
+# What `sa3 convert` writes beside the official-format files (read by sources.converted).
+CONVERTED_MANIFEST = "sa3_model.json"
+CONVERTED_TOKENIZER_DIR = "tokenizer"
+
+
+def codec_family(codec: str) -> str:
+    """``"same-s"`` -> ``"s"``, ``"same-l"`` -> ``"l"``."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
+    return codec.rsplit("-", 1)[1]
 
 
 def codec_file(codec: str, role: str) -> str:

@@ -20,13 +20,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .hub import CONVERTED_MANIFEST
+from .settings import MAX_SECONDS
 from .weights import WeightDict, WeightError
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "model.safetensors"
 T5_SUBFOLDER = "t5gemma-b-b-ul2"
 T5_MODEL_NAME = "google/t5gemma-b-b-ul2"
-CONVERTED_MANIFEST = "sa3_model.json"  # written by `sa3 convert` (sa3_mlx.convert)
 
 DIT_PREFIX = "model.model."
 CONDITIONER_PREFIX = "conditioner.conditioners."
@@ -661,7 +662,7 @@ class UpstreamModel:
     dit_weights: dict[str, np.ndarray] | None = None  # MLX names incl. cond.*
     text: TextSpec | None = None
     sampling: SamplingSpec | None = None
-    seconds_range: tuple[float, float] = (0.0, 384.0)
+    seconds_range: tuple[float, float] = (0.0, MAX_SECONDS)
     training_seconds: float | None = None  # model_config's sample_size: clips beyond it are off-distribution
 
     @property
@@ -870,32 +871,6 @@ def resolve(source: str | Path, progress: bool = True) -> Path:
 
 
 def load(source: str | Path, progress: bool = True) -> UpstreamModel:
-    """Parse an upstream model from a local folder or a hub repo id.
-
-    A folder written by ``sa3 convert`` gives a :class:`~sa3_mlx.convert.ConvertedModel`
-    (same surface, read from the official-format files).
-    """
-    root = resolve(source, progress)
-    if (root / CONVERTED_MANIFEST).is_file():
-        from .convert import ConvertedModel
-
-        return ConvertedModel(root)
-    return parse(root)
-
-
-def latent_seconds_rule(seconds: float, headroom: float, codec: CodecSpec) -> tuple[int, int]:
-    """Upstream ``generate()``'s length: ``(latents sampled, latents the attention sees)``.
-
-    It samples ``seconds + headroom`` of latents, rounded up to whole encoder chunks
-    (``chunk_size / stride`` latents, chunk_size 32 unless the config sets it), and lets
-    the DiT attend only to ``ceil(int(seconds * sr) / 4096) + int(headroom * sr / 4096)``
-    of them. (Upstream's ``sample_size`` argument, 120 s by default, also caps the
-    length; no cap here.)
-    """
-    per_latent = 256 * codec.stride
-    total = math.ceil(int((seconds + headroom) * codec.sample_rate) / per_latent)
-    # Upstream aligns every codec to the encoder's chunk_size (default 32) / stride latents.
-    align = codec.chunk_size // codec.stride
-    total = math.ceil(total / align) * align
-    valid = math.ceil(int(seconds * codec.sample_rate) / per_latent) + int(headroom * codec.sample_rate / per_latent)
-    return total, min(valid, total)
+    """Parse an original release from a local folder or a hub repo id (``sa3 convert`` folders are
+    read by :mod:`sa3_mlx.sources.converted`)."""
+    return parse(resolve(source, progress))

@@ -106,6 +106,15 @@ class WeightDict(dict):
         return tuple(self[key].shape)
 
 
+def read_all(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of an ``.npz`` file, read into memory (LoRA merging needs the stored values)."""
+    npz = NpzWeights(path)
+    try:
+        return {k: npz[k] for k in npz}
+    finally:
+        npz.close()
+
+
 class WeightView(Mapping):
     """A lazy view of some keys of a weight mapping: arrays are read only when accessed."""
 

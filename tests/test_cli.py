@@ -31,7 +31,8 @@ from sa3_mlx.audio import SAMPLE_RATE, integrated_loudness, read_audio, read_met
 from sa3_mlx.cli import main
 from sa3_mlx.cli.generate import build_parser
 from sa3_mlx.cli.picker import pick
-from sa3_mlx.pipeline import Pipeline, inpaint_keep_mask
+from sa3_mlx.pipeline import Pipeline
+from sa3_mlx.plan import inpaint_keep_mask
 from tests.bundle import build_tiny_bundle
 from tests.hub_standin import HubStandIn
 
@@ -121,9 +122,9 @@ def test_text_to_audio_file_metadata_and_info(generate, sa3, work):
     info = sf.info(str(path))
     assert (info.samplerate, info.channels, info.frames, info.subtype) == (44100, 2, 2 * 44100, "PCM_16")
     meta = read_metadata(path)
-    expected = dict(model="sm-music", codec="same-s", prompt="lofi house loop", negative_prompt=None, seconds=2.0,
+    expected = dict(model="sm-music", decoder="same-s", prompt="lofi house loop", negative_prompt=None, seconds=2.0,
                     steps=3, seed=7, cfg=1.0, apg=1.0, mode="text-to-audio", init_noise_level=1.0, inpaint=[],
-                    batch=1, format="wav16", loudness=None, init_audio=None, dit_dtype="fp32")
+                    num_outputs=1, format="wav16", loudness=None, init_audio=None, dit_dtype="fp32")
     assert {k: meta[k] for k in expected} == expected
     code, out, err = sa3("info", path, "--json")
     assert code == 0 and json.loads(out) == meta
@@ -156,7 +157,7 @@ def test_batch_is_seeds_in_a_row_and_files_are_numbered(generate, work):
     names = [f"output/rain_{i}.wav" for i in (1, 2, 3)]
     assert out.splitlines() == names
     assert [read_metadata(work / n)["seed"] for n in names] == [20, 21, 22]
-    assert {read_metadata(work / n)["batch"] for n in names} == {1}
+    assert {read_metadata(work / n)["num_outputs"] for n in names} == {1}
     batch = [read(work / n) for n in names]
     assert all(a.shape == (2, int(1.5 * SAMPLE_RATE)) for a in batch)
     # Item i of the batch is the single run with seed 20 + i (up to the rounding of batched matmuls).
@@ -208,11 +209,11 @@ def test_inpainting_and_continuation_keep_the_audio_outside(
     audio = read_audio(init)
     spans = [tuple(float(x) for x in r.split(",")) for r in ranges]
     result = pipe.generate("drum fill", seconds=seconds, steps=3, seed=5, init_audio=audio, inpaint=spans)
-    assert [tuple(r) for r in meta["inpaint"]] == [tuple(r) for r in result.settings["inpaint"]]
+    assert [tuple(r) for r in meta["inpaint"]] == [tuple(r) for r in result.settings.inpaint]
     np.testing.assert_array_equal(result.audio[0], output)  # the CLI wrote exactly this run
 
     n = result.latents.shape[-1]
-    keep = inpaint_keep_mask(meta["inpaint"], seconds, n).astype(bool)
+    keep = inpaint_keep_mask(result.plan.inpaint, seconds, n).astype(bool)  # continuation tail included
     assert keep.any() and not keep.all()
     padded = np.zeros((2, n * SAMPLES_PER_LATENT), np.float32)
     padded[:, : min(audio.shape[1], padded.shape[1])] = audio[:, : padded.shape[1]]
@@ -241,18 +242,18 @@ def test_cfg_with_and_without_negative_prompt(generate, work):
     plain, cfg, neg = (read(work / "output" / n) for n in ("plain.wav", "cfg.wav", "neg.wav"))
     assert not np.array_equal(plain, cfg) and not np.array_equal(cfg, neg)
     meta = read_metadata(work / "output" / "neg.wav")
-    assert (meta["cfg"], meta["negative_prompt"], meta["codec"]) == (3.0, "vocals", "same-l")
+    assert (meta["cfg"], meta["negative_prompt"], meta["decoder"]) == (3.0, "vocals", "same-l")
     assert read_metadata(work / "output" / "cfg.wav")["negative_prompt"] is None
     # A negative prompt without guidance does nothing: said so, and the audio is the plain one.
     code, _, err = generate(*common, "--negative-prompt", "vocals", "--out", "ignored.wav")
-    assert code == 0 and "--negative-prompt is ignored" in err
+    assert code == 0 and "negative prompt is ignored" in err
     np.testing.assert_array_equal(read(work / "output" / "ignored.wav"), plain)
 
 
 def test_a_decoder_other_than_the_dits_own_runs_with_a_warning(generate, work):
     code, out, err = generate("--prompt", "x", "--dit", "sm-music", "--decoder", "same-l")
     assert code == 0 and "sm-music was trained with same-s" in err
-    assert read_metadata(work / out.strip())["codec"] == "same-l"
+    assert read_metadata(work / out.strip())["decoder"] == "same-l"
 
 
 @pytest.mark.parametrize(
@@ -320,7 +321,7 @@ def test_model_decoder_and_prompt_are_asked_for(generate_asking, work, monkeypat
     code, out, err = generate_asking()
     assert code == 0, err
     meta = read_metadata(work / out.strip())
-    assert (meta["model"], meta["codec"], meta["prompt"]) == ("sm-sfx", "same-s", "thunder over hills")
+    assert (meta["model"], meta["decoder"], meta["prompt"]) == ("sm-sfx", "same-s", "thunder over hills")
     assert re.search(r"^seed \d+$", err, re.M)  # a random seed is printed (stderr: stdout stays paths only)
     assert "Choose a model" in err and "3) medium" in err
 
@@ -428,12 +429,12 @@ def test_terminal_output_like_the_official_runner(bundle, work):
 
 
 def test_ctrl_c_exits_130_and_leaves_nothing(bundle, work):
-    code, text = run_in_terminal(["--prompt", "long", "--dit", "sm-music", "--seconds", "60", "--steps", "100000",
-                                  "--seed", "1", "--weights-dir", bundle], work, interrupt_when="/100000 steps")
+    code, text = run_in_terminal(["--prompt", "long", "--dit", "sm-music", "--seconds", "60", "--steps", "1000",
+                                  "--seed", "1", "--weights-dir", bundle], work, interrupt_when="/1000 steps")
     assert code == 130, text
     assert "interrupted" in text and "Traceback" not in text
     # Stopped mid-way through sampling: some steps done, the stage never finished.
-    assert re.search(r"[1-9]\d*/100000 steps", text) and not re.search(r"sampling\s+\d+ ms", text)
+    assert re.search(r"[1-9]\d*/1000 steps", text) and not re.search(r"sampling\s+\d+ ms", text)
     assert files_in(work / "output") == []
 
 

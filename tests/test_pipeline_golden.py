@@ -15,7 +15,7 @@ import pytest
 from sa3_mlx import codec
 from sa3_mlx.models.dit import load_dit
 from sa3_mlx.models.same import load_same
-from sa3_mlx.pipeline import Pipeline
+from sa3_mlx.denoiser import Denoiser
 from sa3_mlx.sampling import Guidance, paste_back, pingpong_schedule
 from tests.util import assert_close, load_case
 
@@ -36,8 +36,7 @@ def models(golden):
 
 def replay(models, case, cross, global_cond, uncond=None, guidance=Guidance(), local_cond=None):
     dit, _ = models
-    pipe = Pipeline.__new__(Pipeline)  # only .sample is used: give it the loaded DiT
-    pipe._dit, pipe.dit_dtype, pipe.compile_steps, pipe._compiled = dit, mx.float32, False, {}
+    denoiser = Denoiser(dit, compile_steps=False)
     noise = mx.array(case["supplied_noise"])
     seen = []
 
@@ -45,8 +44,8 @@ def replay(models, case, cross, global_cond, uncond=None, guidance=Guidance(), l
         return noise[i + 1][None].astype(dtype)
 
     sigmas = pingpong_schedule(8, 1.0)
-    latents = pipe.sample(noise[:1], sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond,
-                          on_step=lambda i, n: seen.append(i))
+    latents = denoiser.sample(noise[:1], sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond,
+                              on_step=lambda i, n: seen.append(i))
     assert seen == list(range(1, 9))
     return latents
 
@@ -115,10 +114,10 @@ def test_cfg_negative_prompt_pad_zeroing_matches_upstream(golden, models):
 
 def test_block_by_block_steps_give_the_same_latents(golden, models, monkeypatch):
     """Long clips step block by block (bounded GPU memory); the result is the same."""
-    import sa3_mlx.pipeline as pipeline
+    import sa3_mlx.denoiser as denoiser
 
     case = load_case(golden, "case_pipeline_t2a.npz")
     args = (models, case, mx.array(case["cross_attn_batched"]), mx.array(case["global_cond_batched"]))
     whole = np.array(replay(*args))
-    monkeypatch.setattr(pipeline, "STEP_MEMORY", 0)
+    monkeypatch.setattr(denoiser, "STEP_MEMORY", 0)
     assert_close(np.array(replay(*args)), whole, atol=1e-6, what="block by block vs whole steps")

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from sa3_mlx.pipeline import inpaint_keep_mask, latent_length
+from sa3_mlx.plan import inpaint_keep_mask, latent_length
 from sa3_mlx.sampling import (
     Guidance,
     apply_guidance,

@@ -110,7 +110,7 @@ def test_generate_streams_progress_and_serves_audio_and_metadata(server, bundle)
 
     status, meta = server.json("GET", final["outputs"][1]["metadata_url"])
     assert status == 200
-    assert meta["metadata"]["seed"] == 12 and meta["metadata"]["batch"] == 1
+    assert meta["metadata"]["seed"] == 12 and meta["metadata"]["num_outputs"] == 1
     assert meta["metadata"]["prompt"] == "lofi house loop" and meta["metadata"]["job"] == job["id"]
     assert meta["levels"]["peak_dbfs"] == pytest.approx(20 * np.log10(np.abs(expected).max()), abs=0.01)
 
@@ -154,25 +154,27 @@ def test_audio_to_audio_and_inpainting_from_an_upload_and_a_past_result(server):
     assert varied["status"] == "done", varied["error"]
     assert varied["settings"]["mode"] == "audio-to-audio" and varied["settings"]["init_noise_level_used"] == 0.7
     status, meta = server.json("GET", varied["outputs"][0]["metadata_url"])
-    assert meta["metadata"]["init_audio"] == f"job {inpainted['id']} output 0"
+    assert meta["metadata"]["init_audio"] == f"job:{inpainted['id']}:0"
 
 
 @pytest.mark.parametrize("body, message", [
     ({"seconds": 2}, "prompt is required"),
     ({"prompt": "x", "seconds": -1}, "seconds must be in (0, 384]"),
     ({"prompt": "x", "seconds": 400}, "seconds must be in (0, 384]"),
-    ({"prompt": "x", "steps": 0}, "steps must be between 1 and 100"),
-    ({"prompt": "x", "steps": 101}, "steps must be between 1 and 100"),
+    ({"prompt": "x", "steps": 0}, "steps must be in [1, 100] (got 0)"),  # the server narrows the table's 1000
+    ({"prompt": "x", "steps": 101}, "steps must be in [1, 100] (got 101)"),
     ({"prompt": "x", "steps": 2.5}, "steps must be a whole number"),
-    ({"prompt": "x", "num_outputs": 9}, "num_outputs must be between 1 and 4"),
-    ({"prompt": "x" * 2001}, "prompt is 2001 characters; at most 2000"),
-    ({"prompt": "x", "seed": -1}, "seed must be between 0"),
-    ({"prompt": "x", "cfg": -2}, "cfg must be >= 0"),
-    ({"prompt": "x", "apg": 1.5}, "apg must be between 0"),
+    ({"prompt": "x", "num_outputs": 17}, "num_outputs must be in [1, 16]"),
+    ({"prompt": "x" * 10001}, "prompt is 10001 characters; at most 10000"),
+    ({"prompt": "x\ud800"}, "prompt is not valid UTF-8 text"),
+    ({"prompt": "x", "seed": -1}, "seed must be in [0, 9223372036854775807]"),
+    ({"prompt": "x", "cfg": -2}, "cfg must be in [0, 50]"),
+    ({"prompt": "x", "cfg": 1e300}, "cfg must be in [0, 50]"),
+    ({"prompt": "x", "apg": 1.5}, "apg must be in [0, 1]"),
     ({"prompt": "x", "model": "huge"}, "model must be one of sm-music, sm-sfx, medium"),
     ({"prompt": "x", "format": "mp3"}, "format must be one of wav16"),
     ({"prompt": "x", "loudness": 3}, "loudness must be in [-70, 0)"),
-    ({"prompt": "x", "init_noise_level": 0.001}, "init_noise_level must be >= 0.01"),
+    ({"prompt": "x", "init_noise_level": 0.001}, "init_noise_level must be in [0.01, 1]"),
     ({"prompt": "x", "inpaint": [[1, 2]]}, "inpaint needs init_audio"),
     ({"prompt": "x", "out": "/etc/passwd"}, "unknown setting 'out'"),
     ({"prompt": "x", "init_audio": "/etc/passwd"}, "init_audio must be"),
@@ -180,7 +182,7 @@ def test_audio_to_audio_and_inpainting_from_an_upload_and_a_past_result(server):
     ({"prompt": "x", "init_audio": {"upload": "0123456789abcdef"}}, "init_audio: no upload 0123456789abcdef"),
     ({"prompt": "x", "init_audio": {"job": "0123456789abcdef"}}, "has no finished output 0"),
     ({"prompt": "x", "seconds": 2, "init_audio": {"job": "0123456789abcdef"}, "inpaint": [[1, 3]]},
-     "inpaint range 1-3 s must satisfy 0 <= start < end <= seconds (2)"),
+     "inpaint 1,3 ends after seconds 2"),
     (["prompt"], "the request body must be a JSON object"),
 ])
 def test_bad_settings_are_400_with_a_clear_message(server, body, message):
@@ -203,7 +205,7 @@ def test_bad_bodies_and_uploads(server):
     chunk = b"\0" * (2**20 + 2**15)
     answer = raw_post(server, "/api/uploads", b"Transfer-Encoding: chunked\r\n", b"%x\r\n" % len(chunk) + chunk + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 413") and b"over the limit of 1048576 bytes" in answer
-    status, answer = server.json("POST", "/api/jobs", {"prompt": "x" * 70000})
+    status, answer = server.json("POST", "/api/jobs", {"prompt": "x" * 300_000})
     assert status == 413
     for path in ("/api/jobs/..%2F..%2Fetc%2Fpasswd", "/api/jobs/0123456789abcdef", "/api/jobs/x/outputs/0",
                  "/static/../../pyproject.toml"):

@@ -284,13 +284,13 @@ def test_pipeline_encodes_only_up_to_the_longest_prompt(model, prompts):
     """The pipeline runs the encoder on the used length only: real positions are unchanged
     (pads are masked out of their attention); positions past the longest prompt are zero
     (the conditioner replaces pad positions anyway)."""
-    from sa3_mlx.pipeline import Pipeline
+    from sa3_mlx.conditioning import PromptEncoder
+    from sa3_mlx.sources import PROMPT_TOKENS
 
     encoder, tokenizer, _ = model
-    pipe = Pipeline.__new__(Pipeline)
-    pipe._text, pipe.upstream = (encoder, tokenizer), None
-    embeds, mask = pipe.encode_prompts(prompts)
-    ids, full_mask = tokenizer.encode(prompts, max_length=pipe.prompt_tokens)
+    text = PromptEncoder(encoder, tokenizer, PROMPT_TOKENS)
+    embeds, mask = text.encode(prompts)
+    ids, full_mask = tokenizer.encode(prompts, max_length=PROMPT_TOKENS)
     full, full_mask = np.array(encoder(ids, full_mask)), np.array(full_mask)
     assert np.array_equal(np.array(mask), full_mask) and full_mask.sum(axis=1).max() < full_mask.shape[1] // 2
     real = full_mask.astype(bool)

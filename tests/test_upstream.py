@@ -248,7 +248,7 @@ def test_generate_matches_upstream(ckpt, case, monkeypatch):
     pipe = Pipeline(str(ckpt), progress=False, dit_dtype=mx.float32, codec_dtype=mx.float32)
     assert pipe.defaults.steps == 8 and pipe.defaults.cfg == 1.0 and pipe.defaults.sampler == "pingpong"
     seconds, headroom = float(case["gen_duration"]), float(case["gen_duration_padding_sec"])
-    plan = pipe.plan(str(case["gen_prompt"]), seconds, headroom=headroom)
+    plan = pipe.plan(pipe.settings(str(case["gen_prompt"]), seconds=seconds, headroom=headroom))
     assert (plan.latents, plan.valid_latents) == (12, 11)
     np.testing.assert_array_equal(np.arange(12) < plan.valid_latents, case["gen_dit_padding_mask"][0] > 0)
     assert not case["gen_dit_local_add_cond"].any()  # text-to-audio: zero inpaint conditioning
@@ -275,7 +275,7 @@ def test_conditioning_inputs_of_generate(ckpt, case):
     assert uncond is None
     assert_close(np.array(cross), case["gen_dit_cross_attn_cond"], ATOL_T5, what="cross_attn_cond")
     assert_close(np.array(global_cond), case["gen_dit_global_cond"], ATOL_T5, what="global_cond")
-    assert_close(np.array(build_schedule(8, 1.0, pipe.upstream.sampling.shift)), case["gen_sigmas"][0], 1e-7,
+    assert_close(np.array(build_schedule(8, 1.0, pipe.source.shift)), case["gen_sigmas"][0], 1e-7,
                  what="schedule")
 
 
@@ -371,6 +371,6 @@ def test_text_encoder_from_the_configs_model_path(ckpt, tmp_path):
 def test_longer_than_training_length_warns(ckpt):
     """model_config's sample_size (5292032 samples = 120 s) is the training length: beyond it, a warning."""
     pipe = Pipeline(str(ckpt), progress=False)
-    assert pipe.upstream.training_seconds == 5292032 / 44100  # 120.0007 s
-    assert any("trained on" in w for w in pipe.plan("x", 200.0).warnings)
-    assert not pipe.plan("x", 60.0).warnings
+    assert pipe.source.training_seconds == 5292032 / 44100  # 120.0007 s
+    assert any("trained on" in w for w in pipe.plan(pipe.settings("x", seconds=200.0)).warnings)
+    assert not pipe.plan(pipe.settings("x", seconds=60.0)).warnings

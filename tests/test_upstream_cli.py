@@ -15,6 +15,7 @@ from sa3_mlx.cli import main
 from sa3_mlx.lora import LoraError
 from sa3_mlx.models.dit import load_dit
 from sa3_mlx.models.t5gemma import load_t5gemma
+from sa3_mlx import pipeline
 from sa3_mlx.pipeline import Pipeline
 
 
@@ -55,7 +56,7 @@ def test_dit_names_of_the_released_repos():
 def test_converted_model_gives_the_same_outputs(ckpt, converted):
     direct = Pipeline(str(ckpt), progress=False)
     from_files = Pipeline(str(converted), progress=False)
-    assert from_files.defaults == direct.defaults and from_files.prompt_tokens == direct.prompt_tokens == 128
+    assert from_files.defaults == direct.defaults and from_files.source.prompt_tokens == direct.source.prompt_tokens == 128
     settings = dict(seconds=1.0, steps=3, seed=5, headroom=0.5)
     a = direct.generate("lofi house loop", **settings)
     b = from_files.generate("lofi house loop", **settings)
@@ -72,10 +73,10 @@ def test_lora_strength_changes_without_reloading_the_base(ckpt, golden):
     base = plain.generate("glass", **settings).latents
     adapted = with_lora.generate("glass", **settings).latents
     assert np.abs(adapted - base).max() > 1e-2
-    base_weights = with_lora.upstream.dit_weights  # the unmerged base stays loaded
+    base_weights = with_lora.source.dit_weights()  # the unmerged base stays loaded
     with_lora.set_lora_strength(0.0)
     np.testing.assert_array_equal(with_lora.generate("glass", **settings).latents, base)
-    assert with_lora.upstream.dit_weights is base_weights
+    assert with_lora.source.dit_weights() is base_weights
     with_lora.set_lora_strength(1.0, index=0)
     np.testing.assert_array_equal(with_lora.generate("glass", **settings).latents, adapted)
     with pytest.raises(ValueError, match="out of range"):
@@ -93,9 +94,10 @@ def test_cli_runs_the_upstream_checkpoint_with_stacked_loras(ckpt, golden, tmp_p
     assert code == 0, err
     summary = json.loads(out)
     settings = summary["settings"]
-    assert settings["model"] == str(ckpt) and settings["codec"] == "same-s" and settings["sampler"] == "pingpong"
+    assert settings["release"] == str(ckpt) and settings["model"] is None and settings["sampler"] == "pingpong"
+    assert settings["codec"] == "same-s"  # the release's own codec, recorded as a fact of the run
     assert settings["headroom"] == 0.5 and settings["cfg"] == 1.0  # the distilled model's default
-    assert [(Path(l["file"]).name, l["strength"]) for l in settings["loras"]] == [(lora_a.name, 1.0), (lora_b.name, 0.7)]
+    assert settings["loras"] == [f"{lora_a}:1.0", f"{lora_b}:0.7"]
     path = Path(summary["outputs"][0]["path"])
     assert read_metadata(path)["loras"] == settings["loras"]
     code = main(["info", str(path)])
@@ -130,7 +132,7 @@ def test_base_model_defaults_to_euler_with_guidance(ckpt, tmp_path):
     pipe = Pipeline(str(folder), progress=False)
     assert (pipe.defaults.sampler, pipe.defaults.steps, pipe.defaults.cfg) == ("euler", 50, 7.0)
     result = pipe.generate("glass", seconds=1.0, steps=2, seed=1)
-    assert result.settings["sampler"] == "euler" and result.settings["cfg"] == 7.0
+    assert result.settings.sampler == "euler" and result.settings.cfg == 7.0
 
 
 def test_euler_integrates_the_flow():
@@ -145,7 +147,7 @@ def test_euler_integrates_the_flow():
     np.testing.assert_allclose(np.array(steps[-1]), np.array(x - v), atol=1e-6)
 
 
-def test_configured_distribution_shift_is_used(ckpt, tmp_path):
+def test_configured_distribution_shift_is_used(ckpt, tmp_path, monkeypatch):
     from sa3_mlx.sampling import build_schedule
 
     folder = tmp_path / "shifted"
@@ -157,15 +159,15 @@ def test_configured_distribution_shift_is_used(ckpt, tmp_path):
     config["model"]["diffusion"]["sampling_distribution_shift_options"] = shift
     (folder / "model_config.json").write_text(json.dumps(config))
     pipe = Pipeline(str(folder), progress=False)
-    assert pipe.upstream.sampling.shift == shift
+    assert pipe.source.shift == shift
     seen = []
-    monkey_sample = pipe.sample
 
-    def record(noise, sigmas, *args, **kwargs):
+    def record(*args, **kwargs):
+        sigmas = build_schedule(*args, **kwargs)
         seen.append(np.array(sigmas))
-        return monkey_sample(noise, sigmas, *args, **kwargs)
+        return sigmas
 
-    pipe.sample = record
+    monkeypatch.setattr(pipeline, "build_schedule", record)
     pipe.generate("glass", seconds=1.0, steps=4, seed=1)
     np.testing.assert_array_equal(seen[0], np.array(build_schedule(4, 1.0, shift, seq_len=11)))
 

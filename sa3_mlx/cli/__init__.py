@@ -30,10 +30,6 @@ def _dispatch(argv: list[str]) -> int:
         from ..studio.server import run as studio
 
         return studio(argv)
-    if command == "convert":
-        from ..convert import run as convert
-
-        return convert(argv)
     from . import tools
 
     return getattr(tools, command)(argv)
@@ -48,8 +44,9 @@ def _error(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     from ..audio import AudioError
     from ..hub import WeightsUnavailable
+    from ..settings import SettingsError, cli_name
     from ..weights import WeightError
-    from .parsing import UsageError
+    from ..arguments import UsageError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -58,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         # A fresh line first on a terminal, where a progress bar may hold the current one.
         print(("\n" if sys.stderr.isatty() else "") + "interrupted", file=sys.stderr)
         return 130
+    except SettingsError as e:  # spelled as the command line spells settings
+        return _error(e.message(cli_name))
     except (UsageError, AudioError, WeightsUnavailable, WeightError, ValueError) as e:
         return _error(str(e))
     except MemoryError:

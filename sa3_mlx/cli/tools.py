@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shlex
 import shutil
 import subprocess
 import sys
@@ -13,8 +12,9 @@ from pathlib import Path
 
 from .. import __version__, hub
 from ..audio import AudioError, read_metadata
+from ..settings import SettingsError, from_metadata, reproduce_command
 from .display import fmt_bytes
-from .parsing import Parser
+from ..arguments import Parser
 
 
 def download(argv: list[str]) -> int:
@@ -125,34 +125,6 @@ def doctor(argv: list[str]) -> int:
     return 0
 
 
-def reproduce_command(meta: dict) -> str:
-    """The ``sa3`` command line that generates this file again (same seed, same settings)."""
-    words = ["sa3", "--prompt", meta["prompt"]]
-    if meta.get("negative_prompt") is not None:
-        words += ["--negative-prompt", meta["negative_prompt"]]
-    if meta["model"] in hub.MODELS:
-        words += ["--dit", meta["model"], "--decoder", meta["codec"]]
-    else:  # an original release (repo id or folder), which brings its own codec
-        words += ["--model", meta["model"]]
-    words += [w for lora in meta.get("loras", []) for w in ("--lora", f"{lora['file']}:{lora['strength']!r}")]
-    words += ["--seconds", repr(meta["seconds"]),
-              "--steps", str(meta["steps"]), "--seed", str(meta["seed"]), "--cfg", repr(meta["cfg"]),
-              "--apg", repr(meta["apg"]), "--dit-dtype", meta["dit_dtype"]]
-    if meta.get("sampler"):
-        words += ["--sampler", meta["sampler"]]
-    if meta.get("headroom"):
-        words += ["--headroom", repr(meta["headroom"])]
-    if meta.get("init_audio"):
-        words += ["--init-audio", meta["init_audio"]]
-        words += [w for start, end in meta.get("inpaint", []) for w in ("--inpaint-range", f"{start!r},{end!r}")]
-    words += ["--init-noise-level", repr(meta["init_noise_level"])]
-    if meta.get("loudness") is not None:
-        words += ["--loudness", repr(meta["loudness"])]
-    if meta.get("format"):
-        words += ["--format", meta["format"]]
-    return shlex.join(words)
-
-
 def info(argv: list[str]) -> int:
     p = Parser(prog="sa3 info", description="Print the settings stored in a generated file, "
                "and the command that generates it again.")
@@ -160,18 +132,39 @@ def info(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the settings as JSON")
     args = p.parse_args(argv)
     meta = read_metadata(args.file)
-    if meta is None:
+    if not isinstance(meta, dict):
         raise AudioError(f"{args.file}: no sa3-mlx settings in this file (not made by sa3, or its metadata was stripped)")
     if args.json:
         print(json.dumps(meta, indent=2, ensure_ascii=False))
         return 0
     width = max(map(len, [*meta, "command"]))
     for key, value in meta.items():
-        print(f"{key:>{width}}  {value}")
+        print(f"{key:>{width}}  {_printable(value)}")
     try:
-        print(f"{'command':>{width}}  {reproduce_command(meta)}")
-    except (KeyError, TypeError):  # written by an older version without every setting
-        pass
+        command = reproduce_command(from_metadata(meta))
+    except (SettingsError, KeyError, TypeError, ValueError) as e:  # an older version's file, or edited metadata
+        command = f"(none: the stored settings do not make a valid command: {_printable(e)})"
+    print(f"{'command':>{width}}  {_printable(command)}")
+    return 0
+
+
+def _printable(value) -> str:
+    """Text from a file is untrusted: control characters (terminal escapes) are shown escaped."""
+    text = str(value)
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def convert(argv: list[str]) -> int:
+    """``sa3 convert REPO_OR_PATH OUT_DIR``."""
+    from ..convert import convert as convert_release
+
+    p = Parser(prog="sa3 convert", description="Convert an original Stable Audio 3 release (Hugging Face repo "
+               "or local folder with model_config.json) into the official MLX file set.")
+    p.add_argument("source", metavar="REPO_OR_PATH")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    args = p.parse_args(argv)
+    for path in convert_release(args.source, args.out_dir):
+        print(path)
     return 0
 
 

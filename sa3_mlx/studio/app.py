@@ -22,10 +22,10 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__, hub
 from ..audio import FORMATS, read_metadata
-from ..cli.generate import DTYPES
+from ..settings import DTYPES, MAX_PROMPT_CHARS, SAMPLERS, describe
 from .jobs import ACTIVE, QueueFull, Studio
 from .openapi import openapi_spec
-from .settings import DEFAULTS, BadRequest, parse_settings
+from .settings import BadRequest, parse_settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 STREAM_POLL_S = 0.1
@@ -158,9 +158,11 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
                                  model_loaded=studio.loaded_model))
 
     async def options(request: Request):
+        fields = describe("api", limits.bounds())
         return JSONResponse(dict(models=list(hub.MODELS), decoders=list(hub.CODECS),
                                  default_decoders={m: spec.codec for m, spec in hub.MODELS.items()},
-                                 formats=list(FORMATS), dtypes=list(DTYPES), defaults=DEFAULTS,
+                                 formats=list(FORMATS), dtypes=list(DTYPES), samplers=list(SAMPLERS),
+                                 defaults={f["name"]: f["default"] for f in fields}, fields=fields,
                                  limits=limits.public()))
 
     async def spec(request: Request):
@@ -190,7 +192,7 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
             offset = max(int(request.query_params.get("offset", 0)), 0)
         except ValueError:
             return error(400, "limit and offset must be whole numbers")
-        text = request.query_params.get("q", "")[: limits.max_prompt_chars]
+        text = request.query_params.get("q", "")[: MAX_PROMPT_CHARS]
         records, total = studio.history.search(text, limit, offset)
         # Jobs still in flight: show their live state rather than the row written at submission.
         records = [studio.get(r["id"]) if r["status"] in ACTIVE else r for r in records]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import queue
-import random
 import secrets
 import tempfile
 import threading
@@ -19,28 +18,18 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from .. import __version__, hub
-from ..audio import FORMATS, SAMPLE_RATE, AudioError, read_audio, write_audio_files
+from .. import output
+from ..audio import FORMATS, SAMPLE_RATE, AudioError, read_audio
 from ..hub import WeightsUnavailable
+from ..settings import audio_reference, draw_seed
 from .history import History
-from .settings import ID_PATTERN, BadRequest, Limits
+from .settings import ID_PATTERN, BadRequest, Limits, api_settings
 
 PEAK_BUCKETS = 800  # waveform resolution sent to the page
 ACTIVE = ("queued", "running")
-# The stage a run is in once the named stage has ended (the pipeline reports ends only).
-NEXT_STAGE = {
-    "load text encoder": "loading DiT",
-    "load DiT": "text encoding",
-    "load encoder": "encoding init audio",
-    "init audio encoding": "sampling",
-    "sampling": "decoding",
-    "load decoder": "decoding",
-    "decoding": "writing",
-}
 
 
 class JobCancelled(Exception):
@@ -70,7 +59,8 @@ def waveform_peaks(audio: np.ndarray, buckets: int = PEAK_BUCKETS) -> list[float
 @dataclass
 class Job:
     id: str
-    settings: dict
+    settings: dict  # as the API spells them (api_settings), plus what the run decided once done
+    request: object = None  # the checked GenerationSettings it runs
     created: float = field(default_factory=time.time)
     status: str = "queued"  # queued, running, done, failed, cancelled
     stage: str = "queued"
@@ -111,7 +101,6 @@ class Studio:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.jobs: dict[str, Job] = {}  # queued and running jobs (finished ones live in the history)
         self.pipeline = None
-        self._pipeline_key: tuple | None = None  # (model, codec, dtype) of the loaded pipeline
         self.stopping = False  # set by close(): jobs cut short say why
         self.durations: list[float] = []  # of recent jobs, for Retry-After
         self._lock = threading.Lock()
@@ -120,22 +109,25 @@ class Studio:
 
     @property
     def loaded_model(self) -> str | None:
-        return self._pipeline_key[0] if self.pipeline is not None and self._pipeline_key else None
+        return self.pipeline.model_name if self.pipeline is not None else None
 
     # ---- jobs ------------------------------------------------------------------------
-    def submit(self, settings: dict) -> Job:
-        settings = dict(settings)
-        if settings["seed"] is None:
-            settings["seed"] = random.randint(0, 2**31 - 1)
-        self._check_init_audio(settings["init_audio"])
-        job = Job(new_id(), settings)
+    def submit(self, settings) -> Job:
+        """Queue a job for checked settings (:func:`.settings.parse_settings`); a seed is drawn when none was given.
+
+        The job is in the history before it is queued: a failure to write it leaves nothing behind.
+        """
+        settings = settings.replace(seed=draw_seed() if settings.seed is None else settings.seed,
+                                    format=output.resolve_format(settings.format, None))
+        if settings.init_audio is not None:
+            self._init_audio_path(settings.init_audio)
+        job = Job(new_id(), api_settings(settings), settings)
         with self._lock:
-            try:
-                self.queue.put_nowait(job)
-            except queue.Full:
-                raise QueueFull(self.retry_after()) from None
-            self.jobs[job.id] = job
+            if self.queue.full():
+                raise QueueFull(self.retry_after())
             self.history.save(job.record())
+            self.jobs[job.id] = job
+            self.queue.put_nowait(job)  # only this lock's holder puts: there is room
         return job
 
     def retry_after(self) -> int:
@@ -205,7 +197,9 @@ class Studio:
             Path(tmp).unlink(missing_ok=True)
         return dict(id=upload_id, seconds=audio.shape[1] / SAMPLE_RATE, peaks=waveform_peaks(audio))
 
-    def _init_audio_path(self, init_audio: dict) -> Path:
+    def _init_audio_path(self, reference: str) -> Path:
+        """The file behind an ``upload:ID`` / ``job:ID:N`` reference (ids only, never request paths)."""
+        init_audio = audio_reference(reference)
         if "upload" in init_audio:
             path = self.uploads_dir / f"{init_audio['upload']}.audio"
             if not path.is_file():
@@ -215,10 +209,6 @@ class Studio:
         if path is None:
             raise BadRequest(f"init_audio: job {init_audio['job']} has no finished output {init_audio['output']}")
         return path
-
-    def _check_init_audio(self, init_audio: dict | None) -> None:
-        if init_audio is not None:
-            self._init_audio_path(init_audio)
 
     # ---- the worker -------------------------------------------------------------------
     def _work(self) -> None:
@@ -264,74 +254,52 @@ class Studio:
             self.history.save(job.record())
             self.jobs.pop(job.id, None)
 
-    def _get_pipeline(self, settings: dict):
-        import mlx.core as mx
-
+    def _get_pipeline(self, settings):
         from ..pipeline import Pipeline
 
-        dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}.get(settings["dit_dtype"])
-        key = (settings["model"], settings["decoder"] or hub.MODELS[settings["model"]].codec, settings["dit_dtype"])
-        if self.pipeline is None or self._pipeline_key != key:
+        candidate = Pipeline.from_settings(settings, weights_dir=self.weights_dir, progress=False)
+        if self.pipeline is None or self.pipeline.key() != candidate.key():
             if self.pipeline is not None:
                 self.pipeline.free()
-            self.pipeline = None  # drop the old models before loading new ones
-            self.pipeline = Pipeline(settings["model"], settings["decoder"], weights_dir=self.weights_dir,
-                                     dit_dtype=dtype, progress=False)
-            self._pipeline_key = key
+            self.pipeline = candidate  # the old models are dropped before the new ones load
         return self.pipeline
 
     def _run(self, job: Job) -> None:
-        from ..cli.generate import finish_output
+        from ..pipeline import SAMPLING, Finished, StageStarted, Step
 
-        s = job.settings
-        init_audio = read_audio(self._init_audio_path(s["init_audio"])) if s["init_audio"] else None
+        s = job.request
+        init_audio = read_audio(self._init_audio_path(s.init_audio)) if s.init_audio else None
         pipe = self._get_pipeline(s)
-        plan = pipe.plan(s["prompt"], s["seconds"], init_audio, s["inpaint"], s["init_noise_level"])
-        warnings = list(plan.warnings)
-        if s["negative_prompt"] is not None and s["cfg"] == 1:
-            warnings.append("negative_prompt is ignored while cfg is 1 (guidance off)")
-        job.update(warnings=warnings, steps=s["steps"], stage="loading models")
+        plan = pipe.plan(s, init_audio)
+        job.update(warnings=list(plan.warnings), steps=pipe.resolve(s).steps, stage="loading models")
 
-        def on_stage(stats) -> None:
-            if job.cancel_requested.is_set():
-                raise JobCancelled()
-            job.update(stage=NEXT_STAGE.get(stats.name, "preparing"))
-
-        def on_step(done: int, total: int) -> None:
-            if job.cancel_requested.is_set():
-                raise JobCancelled()
-            job.update(stage="sampling", step=done, steps=total)
-
-        pipe.on_stage = on_stage
+        result = None
+        events = pipe.run(s, init_audio)
         try:
-            result = pipe.generate(
-                s["prompt"], negative_prompt=s["negative_prompt"], seconds=s["seconds"], steps=s["steps"],
-                seed=s["seed"], cfg=s["cfg"], apg=s["apg"], init_audio=init_audio,
-                init_noise_level=s["init_noise_level"], inpaint=s["inpaint"], batch=s["num_outputs"],
-                on_step=on_step, free_models=s["free_models"],
-            )
+            for event in events:
+                if job.cancel_requested.is_set():
+                    raise JobCancelled()  # stops the run at this step (closing the generator below)
+                if isinstance(event, Step):
+                    job.update(stage="sampling", step=event.done, steps=event.total)
+                elif isinstance(event, StageStarted) and event.name != SAMPLING:  # sampling shows with its steps
+                    job.update(stage=event.name)
+                elif isinstance(event, Finished):
+                    result = event.result
         finally:
-            pipe.on_stage = None
+            events.close()
         job.update(stage="writing")
 
-        collected: list[str] = []
-        warner = SimpleNamespace(warn=collected.append)
-        args = SimpleNamespace(loudness=s["loudness"], format=s["format"])
-        suffix = FORMATS[s["format"]][2]
-        files, outputs = [], []
-        for i, audio in enumerate(result.audio):
-            name = f"{job.id}_{i + 1}{suffix}"
-            audio, levels = finish_output(audio, args, name, warner)
-            seed = s["seed"] + i
-            # Like the CLI: each file records the single run that reproduces it.
-            meta = dict(result.settings, seed=seed, batch=1, version=__version__, format=s["format"],
-                        loudness=s["loudness"], init_audio=_describe(s["init_audio"]), job=job.id)
-            files.append((self.output_dir / name, audio, meta))
-            outputs.append(dict(index=i, seed=seed, file=name, peaks=waveform_peaks(audio), **levels))
-        write_audio_files(files, SAMPLE_RATE, s["format"])
-        job.update(outputs=outputs, warnings=warnings + collected,
-                   settings=dict(s, mode=result.settings["mode"], codec=result.settings["codec"],
-                                 init_noise_level_used=result.settings["init_noise_level"]))
+        suffix = FORMATS[s.format][2]
+        paths = [self.output_dir / f"{job.id}_{i + 1}{suffix}" for i in range(len(result.audio))]
+        written = output.write(result, paths, s.format, s.loudness, job=job.id)
+        outputs = []
+        for i, o in enumerate(written.outputs):
+            outputs.append(dict(index=i, seed=o.seed, file=o.path.name, peaks=waveform_peaks(o.audio), **o.levels))
+        done = result.settings
+        job.update(outputs=outputs, warnings=job.warnings + written.warnings,
+                   settings=dict(job.settings, mode=result.plan.mode, codec=pipe.codec_name,
+                                 init_noise_level_used=done.init_noise_level, steps_used=done.steps,
+                                 cfg_used=done.cfg, sampler_used=done.sampler))
 
     def close(self) -> None:
         self.stopping = True
@@ -343,11 +311,3 @@ class Studio:
             pass
         self._worker.join(timeout=10)
         self.history.close()
-
-
-def _describe(init_audio: dict | None) -> str | None:
-    if init_audio is None:
-        return None
-    if "upload" in init_audio:
-        return f"upload {init_audio['upload']}"
-    return f"job {init_audio['job']} output {init_audio['output']}"

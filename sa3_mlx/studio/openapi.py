@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from .. import __version__, hub
-from ..audio import FORMATS
-from ..cli.generate import DTYPES
+from .. import __version__
+from ..settings import json_schema
 from .settings import Limits
 
 
@@ -18,39 +17,7 @@ def openapi_spec(limits: Limits) -> dict:
     index = {"name": "index", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
     job = {"description": "the job", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}}
     number = {"type": "number"}
-    settings = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["prompt"],
-        "properties": {
-            "prompt": {"type": "string", "maxLength": limits.max_prompt_chars, "description": '"" = unconditional'},
-            "negative_prompt": {"type": ["string", "null"], "maxLength": limits.max_prompt_chars},
-            "model": {"enum": list(hub.MODELS), "default": "sm-music"},
-            "decoder": {"enum": [*hub.CODECS, None], "description": "default: the model's own codec"},
-            "seconds": {**number, "exclusiveMinimum": 0, "maximum": limits.max_seconds, "default": 30},
-            "steps": {"type": "integer", "minimum": 1, "maximum": limits.max_steps, "default": 8},
-            "seed": {"type": ["integer", "null"], "minimum": 0, "description": "random when null"},
-            "cfg": {**number, "minimum": 0, "default": 1, "description": "1 = guidance off"},
-            "apg": {**number, "minimum": 0, "maximum": 1, "default": 1},
-            "init_audio": {"oneOf": [
-                {"type": "null"},
-                {"type": "object", "required": ["upload"], "properties": {"upload": {"type": "string"}}},
-                {"type": "object", "required": ["job"],
-                 "properties": {"job": {"type": "string"}, "output": {"type": "integer", "default": 0}}},
-            ], "description": "an upload's id (POST /api/uploads) or a finished job's output"},
-            "init_noise_level": {"type": ["number", "null"], "minimum": 0.01,
-                                 "description": "default 1.0; 0.9 for audio-to-audio"},
-            "inpaint": {"type": "array", "maxItems": 32, "default": [],
-                        "items": {"type": "array", "items": number, "minItems": 2, "maxItems": 2},
-                        "description": "[start, end] seconds to regenerate; needs init_audio"},
-            "num_outputs": {"type": "integer", "minimum": 1, "maximum": limits.max_batch, "default": 1},
-            "format": {"enum": list(FORMATS), "default": "wav16"},
-            "loudness": {"type": ["number", "null"], "minimum": -70, "exclusiveMaximum": 0,
-                         "description": "integrated LUFS, with a -1 dBTP limiter"},
-            "dit_dtype": {"enum": [*DTYPES, None]},
-            "free_models": {"type": "boolean", "default": False},
-        },
-    }
+    settings = json_schema("api", limits.bounds())
     job_schema = {
         "type": "object",
         "properties": {

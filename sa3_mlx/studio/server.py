@@ -12,7 +12,7 @@ import time
 import webbrowser
 from pathlib import Path
 
-from ..cli.parsing import Parser, UsageError, positive_int
+from ..arguments import Parser, UsageError, finite_float, positive_int
 from .settings import Limits
 
 API_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~-]{8,}")  # it travels in headers, URLs and a cookie as is
@@ -32,10 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where results and the history database go (default output/studio)")
     p.add_argument("--weights-dir", type=Path, help="local folder with the weight files (flat or with MLX/)")
     p.add_argument("--queue-size", type=positive_int, default=8, help="jobs waiting at most (default 8); more get 429")
-    p.add_argument("--max-seconds", type=float, default=limits.max_seconds, help="longest audio a job may ask for")
-    p.add_argument("--max-steps", type=positive_int, default=limits.max_steps, help="most sampling steps per job")
-    p.add_argument("--max-batch", type=positive_int, default=limits.max_batch, help="most outputs per job")
-    p.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / 2**20,
+    p.add_argument("--max-seconds", type=finite_float, default=limits.max_seconds,
+                   help=f"longest audio a job may ask for (default and most {limits.max_seconds:g})")
+    p.add_argument("--max-steps", type=positive_int, default=limits.max_steps,
+                   help=f"most sampling steps per job (default and most {limits.max_steps})")
+    p.add_argument("--max-batch", type=positive_int, default=limits.max_batch,
+                   help=f"most outputs per job (default and most {limits.max_batch})")
+    p.add_argument("--max-upload-mb", type=finite_float, default=limits.max_upload_bytes / 2**20,
                    help="largest upload in MiB (default 64)")
     return p
 
@@ -58,18 +61,23 @@ def run(argv: list[str]) -> int:
         raise UsageError("--api-key must be at least 8 letters, digits or - _ . ~ (e.g. `openssl rand -hex 16`)")
     if args.weights_dir is not None and not args.weights_dir.is_dir():
         raise UsageError(f"--weights-dir {args.weights_dir}: no such folder")
-    from ..cli.generate import MAX_SECONDS
-
-    if not 0 < args.max_seconds <= MAX_SECONDS:
-        raise UsageError(f"--max-seconds must be in (0, {MAX_SECONDS:g}]")
+    table = Limits()  # the settings table's own bounds: a server can narrow them, not widen them
+    if not 0 < args.max_seconds <= table.max_seconds:
+        raise UsageError(f"--max-seconds must be in (0, {table.max_seconds:g}]")
+    if args.max_steps > table.max_steps:
+        raise UsageError(f"--max-steps must be at most {table.max_steps}")
+    if args.max_batch > table.max_batch:
+        raise UsageError(f"--max-batch must be at most {table.max_batch}")
     if not 0 < args.max_upload_mb <= 4096:
         raise UsageError("--max-upload-mb must be in (0, 4096]")
 
     import uvicorn
 
+    from ..runtime import configure_process
     from .app import build_app
     from .jobs import Studio
 
+    configure_process()
     limits = Limits(max_seconds=args.max_seconds, max_steps=args.max_steps, max_batch=args.max_batch,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     studio = Studio(args.output_dir, weights_dir=args.weights_dir, limits=limits, queue_size=args.queue_size)

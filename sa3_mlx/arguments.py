@@ -1,4 +1,6 @@
-"""Argument parsing shared by the ``sa3`` commands: one-line errors and checked value types."""
+"""Argument parsing shared by the front ends' commands (``sa3``, ``sa3 studio``, ``sa3 bench``):
+one-line errors and checked value types. Generation settings are not parsed here: they come
+from the settings table (:mod:`sa3_mlx.settings`)."""
 
 from __future__ import annotations
 
@@ -27,19 +29,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-MAX_SEED = 2**63 - 1  # MLX keys take unsigned 64-bit seeds; seed + i + 1 must still fit
-
-
-def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED} (got {value})")
-    return value
-
-
 def finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -48,13 +37,3 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
-
-
-def seconds_range(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected START,END in seconds (e.g. 4,7.5), got {text!r}")
-    start, end = (finite_float(p.strip()) for p in parts)
-    if not 0 <= start < end:
-        raise argparse.ArgumentTypeError(f"needs 0 <= START < END (got {text!r})")
-    return start, end

@@ -1,0 +1,93 @@
+"""Where a model comes from: the :class:`ModelSource` interface and :func:`open_source`.
+
+A source knows a generator's recommended settings, its codec and text length, how
+to fetch its files, and how to load its three parts (text encoder, DiT with its
+conditioner, codec halves). :class:`~sa3_mlx.pipeline.Pipeline` holds one source and
+asks it for everything model-specific; it never asks which kind of source it holds.
+
+Implementations:
+
+* :mod:`.official` -- the official MLX files (hub or ``--weights-dir``);
+* :mod:`.release` -- original PyTorch releases (``model_config.json`` + safetensors);
+* :mod:`.converted` -- folders written by ``sa3 convert``;
+* :mod:`.modules` -- modules built in memory: full-size random weights (``sa3 bench
+  --random-weights``) or given modules (tests).
+
+Adding a source: a class with the members of :class:`ModelSource` in a new module
+here, and a branch in :func:`open_source` that recognises what names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """A generator's recommended sampling settings."""
+
+    steps: int
+    cfg: float
+    sampler: str  # a key of sampling.SAMPLERS
+
+
+# The official MLX bundles hold the distilled (rf_denoiser) generators.
+DISTILLED_DEFAULTS = ModelDefaults(steps=8, cfg=1.0, sampler="pingpong")
+PROMPT_TOKENS = 256  # the official MLX/TensorRT runners' T5 length: 256 tokens + 1 seconds token
+
+
+@dataclass(frozen=True)
+class CodecLayout:
+    """What a generator's length rule needs of its codec (upstream ``generate()``'s headroom rule)."""
+
+    family: str  # "s" or "l"
+    chunk_size: int = 32  # generate() aligns lengths to chunk_size / stride latents
+    stride: int = 16
+    sample_rate: int = 44100
+
+
+@runtime_checkable
+class ModelSource(Protocol):
+    """A generator's files and facts. Every loader is strict: a wrong file is a ``WeightError``."""
+
+    name: str  # what the metadata records: "sm-music", a repo id or a folder
+    defaults: ModelDefaults
+    codec: str  # the codec it was trained with ("same-s" or "same-l")
+    codecs: tuple[str, ...]  # the codecs it can decode with
+    prompt_tokens: int  # the T5 sequence length
+    shift: dict | None  # sampling_distribution_shift_options (None: the LogSNR default)
+    training_seconds: float | None  # clips beyond this are off-distribution (None: unknown)
+    is_release: bool  # True for original releases and conversions of them (--model)
+
+    def codec_layout(self, codec: str) -> CodecLayout: ...
+    def fetch(self, codec: str, encoder: bool = False) -> list[Path]: ...
+    def load_text(self, dtype) -> tuple[Any, Any]: ...  # (T5GemmaEncoder, tokenizer)
+    def dit_weights(self) -> Mapping: ...  # the stored DiT + cond.* tensors (LoRA merging starts here)
+    def load_dit(self, dtype, weights: Mapping | None = None) -> tuple[Any, Any]: ...  # (DiT, Conditioner)
+    def load_codec(self, codec: str, role: str, dtype) -> Any: ...  # SAMEEncoder / SAMEDecoder
+
+
+def open_source(model: str | Path, weights_dir: str | Path | None = None, progress: bool = True) -> ModelSource:
+    """The source a name means: an official generator (``hub.MODELS``), a ``sa3 convert`` folder,
+    or an original release (a local folder with ``model_config.json`` or a hub repo id)."""
+    from .. import hub, upstream
+
+    if str(model) in hub.MODELS:
+        from .official import OfficialSource
+
+        return OfficialSource(str(model), weights_dir, progress)
+    if not upstream.is_upstream_source(model):
+        raise ValueError(
+            f"unknown model {model!r} (choose from {', '.join(hub.MODELS)}, or give a Hugging Face "
+            "repo id or a folder with model_config.json)"
+        )
+    root = upstream.resolve(model, progress)
+    if (root / hub.CONVERTED_MANIFEST).is_file():
+        from .converted import ConvertedSource
+
+        return ConvertedSource(root, name=str(model))
+    from .release import ReleaseSource
+
+    return ReleaseSource(upstream.parse(root), name=str(model))

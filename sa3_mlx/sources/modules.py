@@ -1,0 +1,158 @@
+"""Models built in memory rather than read from files: full-size random weights, or given modules.
+
+:func:`random_source` builds the released architectures with random values (speed does
+not depend on the values), so ``sa3 bench --random-weights`` needs no download; tests
+hand :class:`ModuleSource` the modules they built. Nothing sets a pipeline's private state.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from .. import hub
+from . import DISTILLED_DEFAULTS, PROMPT_TOKENS, CodecLayout, ModelDefaults
+
+# The released models' sizes, as their weight files give them (checked against the
+# official manifests in tests/test_manifests.py). Used only to build random weights.
+RELEASED_T5GEMMA = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                        head_dim=64, intermediate_size=2048, vocab_size=256000, attn_logit_softcapping=50.0,
+                        query_pre_attn_scalar=64)
+_DIT_COMMON = dict(io_channels=256, head_dim=64, cond_token_dim=768, global_cond_dim=768, local_add_cond_dim=257,
+                   num_memory_tokens=64, timestep_features_dim=256)
+RELEASED_DIT = {
+    "sm-music": dict(embed_dim=1024, depth=20, num_heads=16, ff_inner=4096, differential=False, **_DIT_COMMON),
+    "medium": dict(embed_dim=1536, depth=24, num_heads=24, ff_inner=6144, differential=True, **_DIT_COMMON),
+}
+RELEASED_DIT["sm-sfx"] = RELEASED_DIT["sm-music"]
+RELEASED_SAME = {
+    "same-s": dict(family="s", dim=768, num_heads=12, head_dim=64, num_blocks=6, ff_inner=2304),
+    "same-l": dict(family="l", dim=1536, num_heads=24, head_dim=64, num_blocks=12, ff_inner=4608,
+                   sinusoidal_blocks=8),
+}
+# A prompt whose token count with the small tokenizer below matches Gemma's for it (16 with <bos>).
+BENCH_PROMPT = "warm analog synth arpeggio over a deep house groove, 124 BPM"
+
+
+class ModuleSource:
+    """A source whose parts come from callables: ``text()`` -> (encoder, tokenizer),
+    ``dit()`` -> (DiT, Conditioner), ``codec(codec, role)`` -> SAME module; each call may
+    build anew (random weights) or return the same module (tests). ``dtype`` arguments are
+    applied by casting what the callables return."""
+
+    is_release = False
+    shift = None
+    training_seconds = None
+
+    def __init__(self, name: str, text: Callable, dit: Callable, codec: Callable, codec_name: str = "same-s",
+                 defaults: ModelDefaults = DISTILLED_DEFAULTS, prompt_tokens: int = PROMPT_TOKENS,
+                 codecs: tuple[str, ...] | None = None):
+        self.name = name
+        self.codec = codec_name
+        self.codecs = codecs or (codec_name,)
+        self.defaults = defaults
+        self.prompt_tokens = prompt_tokens
+        self._text, self._dit, self._codec = text, dit, codec
+
+    def codec_layout(self, codec: str) -> CodecLayout:
+        return CodecLayout(family=hub.codec_family(codec))
+
+    def fetch(self, codec: str, encoder: bool = False) -> list[Path]:
+        return []
+
+    def load_text(self, dtype):
+        encoder, tokenizer = self._text()
+        return _cast(encoder, dtype), tokenizer
+
+    def dit_weights(self) -> Mapping:
+        from mlx.utils import tree_flatten
+
+        from ..models.dit import COND_PREFIX
+
+        dit, conditioner = self._dit()
+        weights = dict(tree_flatten(dit.parameters()))
+        weights.update({COND_PREFIX + k: v for k, v in tree_flatten(conditioner.parameters())})
+        return weights
+
+    def load_dit(self, dtype, weights: Mapping | None = None):
+        if weights is not None:
+            from ..conditioning import load_conditioner
+            from ..models.dit import load_dit
+            from ..weights import WeightDict
+
+            dit, _, cond = load_dit(WeightDict(weights, self.name), dtype=dtype)
+            return dit, load_conditioner(cond, self.name)
+        dit, conditioner = self._dit()
+        return _cast(dit, dtype), conditioner
+
+    def load_codec(self, codec: str, role: str, dtype):
+        if codec not in self.codecs:
+            raise ValueError(f"{self.name} has no {codec} codec (it has {', '.join(self.codecs)})")
+        return _cast(self._codec(codec, role), dtype)
+
+
+def _cast(module, dtype):
+    import mlx.core as mx
+
+    if dtype is not None and any(v.dtype != dtype for _, v in _floating(module)):
+        module.set_dtype(dtype)
+    mx.eval(module.parameters())
+    return module
+
+
+def _floating(module):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return [(k, v) for k, v in tree_flatten(module.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+
+
+def random_source(model: str = "sm-music") -> ModuleSource:
+    """``model``'s released architecture (text encoder, DiT, both codec halves) with random weights."""
+    if model not in RELEASED_DIT:
+        raise ValueError(f"no released architecture for {model!r} (choose from {', '.join(RELEASED_DIT)})")
+
+    def text():
+        from ..models.t5gemma import T5GemmaConfig, T5GemmaEncoder, Tokenizer
+
+        return T5GemmaEncoder(T5GemmaConfig(**RELEASED_T5GEMMA)), Tokenizer(bench_tokenizer(), pad_id=0)
+
+    def dit():
+        from ..conditioning import Conditioner, ConditionerConfig
+        from ..models.dit import DiT, DiTConfig
+
+        return DiT(DiTConfig(**RELEASED_DIT[model])), Conditioner(ConditionerConfig(cond_dim=768, seconds_features=256))
+
+    def codec(name: str, role: str):
+        from ..models.same import SAMEConfig, build_same
+
+        same = RELEASED_SAME[name]
+        kernel = 3 if (same["family"], role) == ("s", "decoder") else 1  # the SAME-S decoder's output conv
+        return build_same(SAMEConfig(role=role, latent_dim=256, io_channels=512, mapping_kernel=kernel, **same))
+
+    return ModuleSource(f"{model} (random weights)", text, dit, codec, codec_name=hub.MODELS[model].codec,
+                        codecs=tuple(hub.CODECS))
+
+
+_TOKENIZER: bytes | None = None
+
+
+def bench_tokenizer() -> bytes:
+    """A small SentencePiece model trained on the spot, in which :data:`BENCH_PROMPT` takes
+    about as many pieces as with Gemma's 256k vocabulary (whole words, digits split: 16
+    tokens with ``<bos>``), so text encoding and cross-attention cost about what they do
+    with the real tokenizer."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        import sentencepiece as spm
+
+        # Gemma's pieces for the prompt's words; the model learns each as one piece.
+        words = ["warm", "analog", "synth", "arp", "over", "a", "deep", "house", "groove", "BPM", ","]
+        lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) + " arpeggio 124" for i in range(300)]
+        out = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=80,
+                                       model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2,
+                                       hard_vocab_limit=False, split_digits=True)
+        _TOKENIZER = out.getvalue()
+    return _TOKENIZER
