@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 
 class UsageError(Exception):
@@ -13,7 +14,12 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one ``error:`` line (no usage block), exit code 2."""
+    """argparse, but a bad argument is one ``error:`` line (no usage block), exit code 2, and a value
+    such as ``-1e-9``, ``-1,2`` or ``-inf`` is read as a (negative) value, not as an unknown option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.I)  # -1e-9, -1,2, -inf
 
     def error(self, message: str):
         raise UsageError(f"{message} (see `{self.prog} --help`)")

@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from .models.dit import DiT, DiTConditioning
 from .sampling import SAMPLERS, Guidance, apply_guidance
+from .sources import DISTILLED_DEFAULTS
 
 # Activation memory above which a sampler step runs block by block (see Denoiser.steps).
 STEP_MEMORY = 2 << 30
@@ -95,7 +96,7 @@ class Denoiser:
         step_noise: Callable[[int, tuple[int, ...], mx.Dtype], mx.array],
         local_cond: mx.array | None = None,
         padding_mask: mx.array | None = None,
-        sampler: str = "pingpong",
+        sampler: str = DISTILLED_DEFAULTS.sampler,
         dtype: mx.Dtype | None = None,
     ) -> Iterator[mx.array]:
         """The sampler's state after each step (the last one is the result).

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .models.dit import COND_PREFIX
+from .settings import parse_lora_spec
 from .weights import WeightError
 
 ADAPTER_TYPES = ("lora", "dora-rows", "dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs")
@@ -67,7 +69,7 @@ CKPT_HINT = (
 DIT_ROOT = "model."
 COND_ROOT = "conditioners."
 SECONDS_MODULE = "conditioners.seconds_total.embedder.embedding.1"
-SECONDS_KEY = "cond.seconds_total_weight"
+SECONDS_KEY = COND_PREFIX + "seconds_total_weight"
 
 
 class LoraError(WeightError):
@@ -98,7 +100,7 @@ def key_to_module(key: str) -> str:
 
 def target_keys(weights: Mapping) -> list[str]:
     """Weights upstream would parametrize: every Linear/Conv1d weight (2-D/3-D ``.weight``) and the seconds embedder."""
-    keys = [k for k in weights if k.endswith(".weight") and not k.startswith("cond.") and len(_shape(weights, k)) >= 2]
+    keys = [k for k in weights if k.endswith(".weight") and not k.startswith(COND_PREFIX) and len(_shape(weights, k)) >= 2]
     return keys + ([SECONDS_KEY] if SECONDS_KEY in weights else [])
 
 
@@ -376,10 +378,5 @@ class LoraStack:
 
 def parse_spec(spec: str) -> tuple[Path, float]:
     """``FILE[:STRENGTH]``: the strength is the text after the last colon when it is a number."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(spec), 1.0
+    path, strength = parse_lora_spec(spec)
+    return Path(path), strength

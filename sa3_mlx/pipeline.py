@@ -27,10 +27,11 @@ from .lora import LoraStack
 from .models.dit import DiT
 from .plan import GenerationPlan, effective_latents, inpaint_keep_mask, make_plan
 from .sampling import Guidance, build_schedule, paste_back, seeded_step_noise
+from .settings import DTYPES as DTYPE_CHOICES
 from .settings import MODEL_DEFAULT, GenerationSettings, draw_seed, validate, variation_seed
 from .sources import ModelSource, open_source
 
-DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
+DTYPES = dict(zip(DTYPE_CHOICES, (mx.float32, mx.float16, mx.bfloat16), strict=True))
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # The stages of a run, in order (a stage that has nothing to do is skipped).

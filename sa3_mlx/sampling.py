@@ -17,6 +17,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from .settings import SAMPLERS as SAMPLER_NAMES
+
 # The default LogSNR shift (rate 0, so independent of sequence length), as used
 # upstream when a model config has no `sampling_distribution_shift_options`.
 LOGSNR_ANCHOR = -6.2
@@ -260,7 +262,8 @@ def sample_euler(
     return _one_step_ahead(states())
 
 
-SAMPLERS = {"pingpong": sample_pingpong, "euler": sample_euler}
+# Keyed by the names the settings table offers (sa3_mlx.settings.SAMPLERS, which must not import MLX).
+SAMPLERS = dict(zip(SAMPLER_NAMES, (sample_pingpong, sample_euler), strict=True))
 
 
 def paste_back(latents: mx.array, init_latents: mx.array, keep_mask: mx.array) -> mx.array:

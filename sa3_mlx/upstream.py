@@ -20,7 +20,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .audio import SAMPLE_RATE
 from .hub import CONVERTED_MANIFEST
+from .models.dit import COND_PREFIX
 from .settings import MAX_SECONDS
 from .weights import WeightDict, WeightError
 
@@ -109,7 +111,7 @@ class CodecSpec:
     encoder_sizes: dict = field(default_factory=dict)
     chunk_size: int = 32  # generate() aligns lengths to chunk_size / stride latents (either family)
     stride: int = 16
-    sample_rate: int = 44100
+    sample_rate: int = SAMPLE_RATE
 
     @property
     def name(self) -> str:
@@ -403,12 +405,12 @@ def map_dit(tensors: Mapping[str, np.ndarray], file: str, prompt_id: str = "prom
         out[name] = value
     prompt = CONDITIONER_PREFIX + prompt_id + "."
     seconds = CONDITIONER_PREFIX + seconds_id + ".embedder.embedding.1."
-    out["cond.seconds_total_weight"] = taker.take(seconds + "weight")
+    out[COND_PREFIX + "seconds_total_weight"] = taker.take(seconds + "weight")
     if padding_mode == "learned":
-        out["cond.padding_embedding"] = taker.take(prompt + "padding_embedding")
+        out[COND_PREFIX + "padding_embedding"] = taker.take(prompt + "padding_embedding")
     else:
-        out["cond.padding_embedding"] = np.zeros(out["cond.seconds_total_weight"].shape[0], np.float32)
-    out["cond.seconds_total_bias"] = taker.take(seconds + "bias")
+        out[COND_PREFIX + "padding_embedding"] = np.zeros(out[COND_PREFIX + "seconds_total_weight"].shape[0], np.float32)
+    out[COND_PREFIX + "seconds_total_bias"] = taker.take(seconds + "bias")
     taker.finish("the DiT and its conditioners")
     return out
 
@@ -759,7 +761,7 @@ def parse(root: Path) -> UpstreamModel:
         raise UpstreamError(f"{file}: not valid JSON ({e})") from None
     top = _Config(raw, "", file)
     model_type = top.expect("model_type", ["diffusion_cond", "diffusion_cond_inpaint", "autoencoder"], required=True)
-    sample_rate = top.expect("sample_rate", [44100], required=True)
+    sample_rate = top.expect("sample_rate", [SAMPLE_RATE], required=True)
     top.expect("audio_channels", [2], default=2)
     sample_size = top.get("sample_size")  # the training length in samples
     model = top.child("model")

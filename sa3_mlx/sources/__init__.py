@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+from ..audio import SAMPLE_RATE
+
 
 @dataclass(frozen=True)
 class ModelDefaults:
@@ -45,7 +47,7 @@ class CodecLayout:
     family: str  # "s" or "l"
     chunk_size: int = 32  # generate() aligns lengths to chunk_size / stride latents
     stride: int = 16
-    sample_rate: int = 44100
+    sample_rate: int = SAMPLE_RATE
 
 
 @runtime_checkable
