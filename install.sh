@@ -114,6 +114,12 @@ if [ "$os" = Linux ] && [ "${SA3_BLAS:-}" != none ]; then
   fi
 fi
 
+# Load the fast BLAS at every interpreter start of this venv (a .pth file), so it does not depend on
+# importing sa3_mlx before mlx (a notebook often imports mlx first).
+if [ "$os" = Linux ]; then
+  "$venv/bin/python" -m sa3_mlx.preload >/dev/null || say "warning: could not install the BLAS preload"
+fi
+
 # Remember what was installed so ./sa3 and scripts/test.sh know when to run this again.
 stamp="$("$python" - "$here" "$mlx_spec" "$with_test" <<'PY'
 import hashlib, sys, pathlib

@@ -38,6 +38,8 @@ TRUE_PEAK_CEILING_DB = -1.0  # the usual streaming ceiling (EBU R128 / AES TD100
 TRUE_PEAK_OVERSAMPLING = 4  # BS.1770-4 Annex 2
 LIMITER_HALF_WINDOW_S = 0.01  # gain ramps over 10 ms before and after each peak
 MIN_LOUDNESS_SECONDS = 0.4  # one BS.1770 gating block
+MAX_READ_SECONDS = 400.0  # the longest input any model takes (384 s) and a little more, to tell "longer"
+RATE_RANGE = (1000, 768000)  # Hz: what real audio files use; outside it a header is broken or hostile
 
 
 class AudioError(ValueError):
@@ -47,11 +49,15 @@ class AudioError(ValueError):
 # ---- reading -------------------------------------------------------------------------
 
 
-def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float = MAX_READ_SECONDS) -> np.ndarray:
     """Decode ``path`` to float32 ``[2, samples]`` at ``sample_rate``.
 
     Mono is duplicated to both channels. More than two channels is refused: a
     downmix of surround layouts needs to know the layout, which files rarely say.
+    Only the first ``max_seconds`` are read (no model takes more), judged from the
+    header's frame count and rate before anything is decoded, so a file whose header
+    claims a tiny rate cannot make the decode or the resampling explode; rates outside
+    ``RATE_RANGE`` are refused. Memory is bounded by ``max_seconds`` of audio.
     """
     import soundfile as sf
     import soxr
@@ -62,17 +68,24 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if not path.is_file():
         raise AudioError(f"{path}: not a file")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError, TypeError, OSError) as e:
+        with sf.SoundFile(str(path)) as f:
+            rate, channels = f.samplerate, f.channels
+            low, high = RATE_RANGE
+            if not low <= rate <= high:
+                raise AudioError(f"{path}: sample rate {rate} Hz is outside {low}..{high} Hz (a damaged or "
+                                 "hostile header?)")
+            if channels > CHANNELS:
+                raise AudioError(
+                    f"{path}: has {channels} channels; only mono or stereo input is supported "
+                    "(mix it down to stereo first)"
+                )
+            data = f.read(frames=int(math.ceil(max_seconds * rate)), dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except (sf.SoundFileError, RuntimeError, TypeError, OSError, ValueError) as e:
         raise AudioError(f"{path}: not a readable audio file ({e})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
-    channels = data.shape[1]
-    if channels > CHANNELS:
-        raise AudioError(
-            f"{path}: has {channels} channels; only mono or stereo input is supported "
-            "(mix it down to stereo first)"
-        )
     if not np.isfinite(data).all():
         raise AudioError(f"{path}: contains NaN or infinite samples")
     if rate != sample_rate:
@@ -257,6 +270,8 @@ def write_audio_files(
         if path.exists() and not overwrite:
             raise AudioError(f"{path}: already exists (choose another --out, or pass --overwrite)")
     temporaries: list[str] = []
+    placed: list[Path] = []
+    mode = 0o666 & ~_umask()
     try:
         for path, (_, audio, metadata) in zip(targets, outputs):
             data = encode_audio(audio, sample_rate, fmt, metadata)
@@ -267,18 +282,54 @@ def write_audio_files(
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
+                    os.fchmod(f.fileno(), mode)  # mkstemp makes 0600; a new file should honour the umask
                     os.fsync(f.fileno())
             except OSError as e:
                 raise AudioError(f"{path}: could not be written ({e.strerror or e})") from None
         for path, tmp in zip(targets, temporaries):
-            if not overwrite and path.exists():
-                raise AudioError(f"{path}: appeared while writing; not overwriting it")
-            os.replace(tmp, path)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # atomic, and never replaces a file that appeared meanwhile
+                except FileExistsError:
+                    raise AudioError(f"{path}: appeared while writing; not overwriting it") from None
+                except OSError:  # a file system without hard links: check, then rename
+                    if path.exists():
+                        raise AudioError(f"{path}: appeared while writing; not overwriting it") from None
+                    os.replace(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for path in placed:  # all outputs or none: take back what this call put in place
+            path.unlink(missing_ok=True)
+        raise
     finally:
         for tmp in temporaries:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return targets
+
+
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """The process umask, read once (from /proc where it can be read without changing it: setting it
+    to read it would race with other threads creating files)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status") as f:
+                _UMASK = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode a new file gets under the umask."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def write_audio(

@@ -31,6 +31,12 @@ _CANDIDATES = [
 _loaded: str | None = None
 _reason = "not attempted"
 _memory_reuse = "not attempted"
+_warned = False
+PRELOAD_FILE = "sa3_mlx_fast_blas.pth"
+# One line that site.py runs at every interpreter start of the environment (lines of a .pth that begin
+# with "import" are executed): the BLAS is then chosen before a notebook or script imports mlx itself.
+PRELOAD_LINE = ("import sys; exec('try:\\n import sa3_mlx.backend as b; b.load_fast_blas()\\n"
+                "except Exception:\\n pass')\n")
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -88,6 +94,7 @@ def load_fast_blas() -> str | None:
         return _loaded
     if "mlx.core" in sys.modules:
         _reason = "mlx was imported before sa3_mlx; import sa3_mlx first to use a fast BLAS"
+        _warn_slow_blas()
         return None
     choice = os.environ.get("SA3_BLAS", "").strip()
     if choice.lower() == "none":
@@ -115,6 +122,37 @@ def load_fast_blas() -> str | None:
     return None
 
 
+def _warn_slow_blas() -> None:
+    """Say once, loudly, that matmul on this CPU will be ~30x slower, and how to fix it."""
+    global _warned
+    if _warned or os.environ.get("SA3_BLAS", "").strip().lower() == "none":
+        return
+    _warned = True
+    mx = sys.modules["mlx.core"]
+    try:
+        on_cpu = mx.default_device() == mx.cpu
+    except Exception:
+        on_cpu = True
+    if on_cpu and any(Path(c).is_file() for c in candidates()):
+        print("sa3_mlx: WARNING: mlx was imported before sa3_mlx, so MLX keeps its bundled reference BLAS and "
+              "runs about 30x slower on this CPU. Import sa3_mlx before mlx, or run "
+              f"`{Path(sys.executable).name} -m sa3_mlx.preload` once to make the fast BLAS load "
+              "at every interpreter start of this environment.", file=sys.stderr)
+
+
+def install_preload(site_dir: str | None = None) -> Path:
+    """Write the ``.pth`` file that loads the fast BLAS at interpreter start (see :data:`PRELOAD_LINE`)."""
+    import site
+    import sysconfig
+
+    folder = Path(site_dir or sysconfig.get_paths()["purelib"])
+    if not folder.is_dir():
+        folder = Path(site.getsitepackages()[0])
+    path = folder / PRELOAD_FILE
+    path.write_text(PRELOAD_LINE)
+    return path
+
+
 def memory_reuse_status() -> str:
     """Whether freed memory is kept for reuse (see :func:`reuse_freed_memory`)."""
     return _memory_reuse
@@ -123,3 +161,4 @@ def memory_reuse_status() -> str:
 def blas_status() -> tuple[str | None, str]:
     """``(path of the BLAS in use or None, why)`` for `sa3 doctor` and the bench header."""
     return _loaded, _reason
+

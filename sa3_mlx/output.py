@@ -57,11 +57,22 @@ class Written:
     write_seconds: float = 0.0
 
 
-def resolve_format(fmt: str | None, out: Path | None) -> str:
-    """``fmt``, or the one ``out``'s suffix names (.wav -> wav16, .flac -> flac); a clash is an error."""
+def resolve_format(fmt: str | None, out: Path | None, folder: Path = DEFAULT_FOLDER) -> str:
+    """``fmt``, or the one ``out``'s suffix names (.wav -> wav16, .flac -> flac); a clash is an error.
+
+    ``out`` may be a folder that exists (the outputs go inside it, auto-named); a name with any other
+    suffix, or an existing file that is not a regular file (``/dev/null``), is refused."""
+    target = None if out is None else (out if out.is_absolute() else folder / out)
+    if target is not None and target.is_dir():
+        out = None
+    elif target is not None and target.exists() and not target.is_file():
+        raise OutputError(f"--out {out}: not a regular file (give a file name, or a folder to write into)")
     suffix = out.suffix.lower() if out is not None else ""
     if suffix in UNWRITABLE_SUFFIXES:
         raise OutputError(f"--out {out}: sa3 writes WAV or FLAC; end the name in .wav or .flac (see --format)")
+    if suffix and suffix not in SUFFIX_FORMATS:
+        raise OutputError(f"--out {out}: unknown suffix {suffix!r}; end the name in .wav or .flac, or leave the "
+                          "suffix out (it is then added)")
     if fmt is None:
         return SUFFIX_FORMATS.get(suffix, "wav16")
     if suffix in SUFFIX_FORMATS and FORMATS[fmt][2] != suffix:
@@ -79,8 +90,11 @@ def output_paths(fmt: str, seeds: list[int], prompt: str, out: Path | None = Non
     ``NAME_1``, ``NAME_2``, ... for several; else ``folder/<prompt slug>_<seed>``, stepping aside as
     ``-2``, ``-3``, ... instead of replacing an earlier result."""
     suffix = FORMATS[fmt][2]
+    target = None if out is None else (out if out.is_absolute() else folder / out)
+    if target is not None and target.is_dir():  # a folder: auto-named files inside it
+        out, folder = None, target
     if out is not None:
-        base = out if out.is_absolute() else folder / out
+        base = target
         if base.suffix.lower() not in SUFFIX_FORMATS:
             base = base.with_name(base.name + suffix)
         if len(seeds) == 1:

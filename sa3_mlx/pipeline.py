@@ -35,10 +35,10 @@ DTYPES = dict(zip(DTYPE_CHOICES, (mx.float32, mx.float16, mx.bfloat16), strict=T
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # The stages of a run, in order (a stage that has nothing to do is skipped).
-LOAD_TEXT, LOAD_DIT, TEXT_ENCODING = "load text encoder", "load DiT", "text encoding"
+LOAD_TEXT, TEXT_ENCODING, LOAD_DIT = "load text encoder", "text encoding", "load DiT"
 LOAD_ENCODER, INIT_ENCODING = "load encoder", "init audio encoding"
 SAMPLING, LOAD_DECODER, DECODING = "sampling", "load decoder", "decoding"
-STAGES = (LOAD_TEXT, LOAD_DIT, TEXT_ENCODING, LOAD_ENCODER, INIT_ENCODING, SAMPLING, LOAD_DECODER, DECODING)
+STAGES = (LOAD_TEXT, TEXT_ENCODING, LOAD_DIT, LOAD_ENCODER, INIT_ENCODING, SAMPLING, LOAD_DECODER, DECODING)
 MODEL_PARTS = ("text", "dit", "decoder", "encoder")
 
 
@@ -269,15 +269,17 @@ class Pipeline:
                 setattr(self, f"_{part}", None)
         _free()
 
-    def _check_widths(self) -> None:
+    def _check_widths(self, text_width: int | None = None) -> None:
         """The text encoder, conditioner and DiT must agree on the conditioning width."""
         widths = {
             "conditioner width (cond.*)": self._conditioner.config.cond_dim,
             "DiT cross-attention input": self._dit.config.cond_token_dim,
             "DiT global-conditioning input": self._dit.config.global_cond_dim,
         }
-        if self._text is not None:
-            widths["T5Gemma hidden size"] = self._text.width
+        if text_width is None and self._text is not None:
+            text_width = self._text.width
+        if text_width is not None:
+            widths["T5Gemma hidden size"] = text_width
         if len(set(widths.values())) != 1:
             detail = ", ".join(f"{k} {v}" for k, v in widths.items())
             raise ValueError(f"the weight files do not belong together: {detail}")
@@ -349,18 +351,20 @@ class Pipeline:
         self.stages = []
         mx.reset_peak_memory()
 
+        # The text encoder runs and (with free_models) is freed before the DiT loads: the two are
+        # never resident together, which is what bounds a CLI run's peak memory.
         yield from self._load_stage(LOAD_TEXT, "text")
-        yield from self._load_stage(LOAD_DIT, "dit")
-        self._check_widths()
 
         def encode_text():
-            c = self.conditioning(s.prompt, s.negative_prompt, s.seconds, guidance)
-            mx.eval([a for a in c if a is not None])
-            return c
+            embeds, mask = self.encode_text(s.prompt, s.negative_prompt, guidance)
+            mx.eval(embeds, mask)
+            return embeds, mask
 
-        cross, global_cond, uncond = yield from self._stage(TEXT_ENCODING, encode_text)
+        embeds, mask = yield from self._stage(TEXT_ENCODING, encode_text)
         if s.free_models:
             self.free("text")
+        yield from self._load_stage(LOAD_DIT, "dit")
+        self._check_widths(text_width=embeds.shape[-1])
 
         n_lat = plan.latents
         init_latents = None
@@ -378,6 +382,8 @@ class Pipeline:
 
         yield StageStarted(SAMPLING)
         t0 = time.perf_counter()
+        cross, global_cond, uncond = self.build_conditioning(embeds, mask, s.seconds, guidance,
+                                                             s.negative_prompt is not None)
         noise, step_noise = self.draw_noise([s.variation_seed(i) for i in range(s.num_outputs)], n_lat)
         local_cond = keep = None
         if init_latents is not None and plan.inpaint:
@@ -400,6 +406,9 @@ class Pipeline:
             latents = paste_back(latents, init_latents, keep)
         latents = latents.astype(mx.float32)
         mx.eval(latents)
+        if not mx.isfinite(latents).all().item():
+            raise ValueError(f"sampling gave NaN or infinite latents: the DiT weights of {self.model_name} "
+                             "hold non-finite values, or a setting overflows them (try --dit-dtype fp32)")
         stats = StageStats(SAMPLING, time.perf_counter() - t0, _peak_memory())
         self.stages.append(stats)
         mx.reset_peak_memory()
@@ -464,12 +473,21 @@ class Pipeline:
         self, prompt: str, negative_prompt: str | None, seconds: float, guidance: Guidance
     ) -> tuple[mx.array, mx.array, mx.array | None]:
         """``(cross_attn_cond [1,S+1,C], global_cond [1,C], uncond_cross_attn or None)``."""
+        embeds, mask = self.encode_text(prompt, negative_prompt, guidance)
+        return self.build_conditioning(embeds, mask, seconds, guidance, negative_prompt is not None)
+
+    def encode_text(self, prompt: str, negative_prompt: str | None, guidance: Guidance) -> tuple[mx.array, mx.array]:
+        """T5Gemma embeddings and mask of the prompt (and the negative prompt when guidance uses it)."""
         prompts = [prompt] + ([negative_prompt] if guidance.enabled and negative_prompt is not None else [])
-        embeds, mask = self.text.encode(prompts)
+        return self.text.encode(prompts)
+
+    def build_conditioning(self, embeds: mx.array, mask: mx.array, seconds: float, guidance: Guidance,
+                           negative: bool) -> tuple[mx.array, mx.array, mx.array | None]:
+        """The DiT's inputs from :meth:`encode_text`'s output (the conditioner is part of the DiT file)."""
         cross, global_cond = self.conditioner.build(embeds[:1], mask[:1], [seconds])
         uncond = None
         if guidance.enabled:
-            if negative_prompt is not None:
+            if negative:
                 # Upstream zeroes the negative prompt's pad positions (not the learned embedding).
                 uncond, _ = self.conditioner.build(embeds[1:], mask[1:], [seconds], padding="zeros")
             else:

@@ -759,6 +759,12 @@ def parse(root: Path) -> UpstreamModel:
         raise UpstreamError(f"{file}: cannot read ({e})") from None
     except json.JSONDecodeError as e:
         raise UpstreamError(f"{file}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UpstreamError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise UpstreamError(f"{file}: nested too deeply to be a model config") from None
+    if not isinstance(raw, dict):
+        raise UpstreamError(f"{file}: must hold a JSON object, not {type(raw).__name__}")
     top = _Config(raw, "", file)
     model_type = top.expect("model_type", ["diffusion_cond", "diffusion_cond_inpaint", "autoencoder"], required=True)
     sample_rate = top.expect("sample_rate", [SAMPLE_RATE], required=True)

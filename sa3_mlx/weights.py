@@ -207,7 +207,11 @@ def load_strict(
     for k in provided:
         arr = weights[k]
         a = mx.array(arr) if not isinstance(arr, mx.array) else arr
-        if k not in keep and mx.issubdtype(a.dtype, mx.floating):
+        if not mx.issubdtype(a.dtype, mx.floating):  # every parameter of these models is floating point
+            kind = str(a.dtype).rsplit(".", 1)[-1]
+            raise WeightError(f"{file}: key '{k}' holds {kind} values, expected floating-point weights "
+                              "(a damaged or foreign file)")
+        if k not in keep:
             a = a.astype(dtype)
         mx.eval(a)
         loaded.append((k, a))

@@ -288,7 +288,7 @@ def test_loudness_and_json_summary(generate, work):
     assert to_db(true_peak(audio)) <= -1.0 + 0.01  # 16-bit rounding
     assert summary["settings"]["prompt"] == "techno kick" and summary["loudness"] == -20
     assert [s["name"] for s in summary["stages"]] == [
-        "load text encoder", "load DiT", "text encoding", "sampling", "load decoder", "decoding"]
+        "load text encoder", "text encoding", "load DiT", "sampling", "load decoder", "decoding"]
     assert summary["peak_memory_bytes"] > 0 and summary["wall_seconds"] > 0 and summary["audio_seconds"] == 2
     assert read_metadata(work / output["path"])["loudness"] == -20
 

@@ -35,6 +35,32 @@ def _dispatch(argv: list[str]) -> int:
     return getattr(tools, command)(argv)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: stop like Ctrl-C (everything half-done is cleaned up on the way out)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on_signals() -> dict:
+    """Treat SIGTERM (systemd, Docker, supervisors) and SIGHUP (a closed terminal) like Ctrl-C;
+    returns the handlers it replaced (none outside the main thread, where Python cannot set any)."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                number = getattr(signal, name)
+                previous[number] = signal.signal(number, stop)
+    return previous
+
+
 def _error(text: str) -> int:
     """Report a failure as one ``error:`` line on stderr; exit code 2."""
     print("error: " + " ".join(text.split()), file=sys.stderr)
@@ -42,15 +68,21 @@ def _error(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    from ..arguments import UsageError
     from ..audio import AudioError
     from ..hub import WeightsUnavailable
     from ..settings import SettingsError, cli_name
     from ..weights import WeightError
-    from ..arguments import UsageError
 
     argv = sys.argv[1:] if argv is None else argv
+    previous = stop_on_signals()
     try:
         return _dispatch(argv)
+    except Terminated as e:
+        print(("\n" if sys.stderr.isatty() else "") + f"interrupted ({signal.Signals(e.signum).name})", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         # A fresh line first on a terminal, where a progress bar may hold the current one.
         print(("\n" if sys.stderr.isatty() else "") + "interrupted", file=sys.stderr)
@@ -63,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return _error("out of memory (try a shorter --seconds, fewer --num-outputs, or --free-models)")
     except OSError as e:
         return _error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

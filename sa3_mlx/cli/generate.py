@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import __version__, hub, output
 from ..audio import read_audio
-from ..settings import FIELDS, SettingsError, cli_name, draw_seed, fields_for, from_text, validate
+from ..settings import FIELDS, SettingsError, cli_name, draw_seed, fields_for, from_text, parse_lora_spec, validate
 from .display import Display
 from ..arguments import Parser, UsageError
 from .picker import pick
@@ -96,9 +96,12 @@ def check_paths(args) -> None:
     if args.weights_dir is not None and not args.weights_dir.is_dir():
         raise UsageError(f"--weights-dir {args.weights_dir}: no such folder")
     for spec in args.loras or []:
-        from ..settings import parse_lora_spec
-
         path, _ = parse_lora_spec(spec)
+        head, sep, tail = spec.rpartition(":")
+        if path == spec and sep and Path(head).is_file():  # FILE:<not a number>
+            raise UsageError(f"--lora {spec}: the strength after the colon must be a number (got {tail!r})")
+        if Path(path).is_dir():
+            raise UsageError(f"--lora {spec}: {path} is a folder; give the adapter's .safetensors file")
         if not Path(path).is_file():
             raise UsageError(f"--lora {spec}: no such file {path}")
 

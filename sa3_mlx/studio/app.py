@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
@@ -23,14 +24,23 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__, hub
 from ..audio import FORMATS, read_metadata
 from ..settings import DTYPES, MAX_PROMPT_CHARS, SAMPLERS, describe
-from .jobs import ACTIVE, QueueFull, Studio
+from .jobs import ACTIVE, QueueFull, StorageError, Studio
 from .openapi import openapi_spec
 from .settings import BadRequest, parse_settings
 
 STATIC_DIR = Path(__file__).parent / "static"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 STREAM_POLL_S = 0.1
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 KEY_COOKIE = "sa3_studio_key"
 MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac"}
 
@@ -65,7 +75,11 @@ class Guard:
         sites could otherwise submit, cancel or delete jobs through the visitor's browser.
         """
         host = headers.get("host", "")
-        if self.loopback_only and urlsplit(f"//{host}").hostname not in LOOPBACK_NAMES:
+        try:
+            name = urlsplit(f"//{host}").hostname
+        except ValueError:  # a Host header that is not a host
+            name = None
+        if self.loopback_only and not is_loopback(name or ""):
             return f"host {host!r} is not served: use http://127.0.0.1 or http://localhost"
         origin = headers.get("origin")
         if method not in SAFE_METHODS and origin is not None and urlsplit(origin).netloc != host:
@@ -175,6 +189,8 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
                 data = json.loads(body or b"null")
             except (ValueError, UnicodeDecodeError) as e:
                 raise BadRequest(f"the request body is not valid JSON ({e})") from None
+            except RecursionError:
+                raise BadRequest("the request body nests too deeply (settings are a flat JSON object)") from None
             settings = parse_settings(data, limits)
             job = studio.submit(settings)
         except TooLarge as e:
@@ -183,6 +199,8 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
             return error(400, str(e))
         except QueueFull as e:
             return error(429, str(e), {"Retry-After": str(e.retry_after)})
+        except StorageError as e:
+            return error(507, str(e))
         record = studio.get(job.id)
         return JSONResponse(public_job(record), status_code=202, headers={"Location": f"/api/jobs/{job.id}"})
 
@@ -271,6 +289,8 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
             return error(413, str(e))
         except BadRequest as e:
             return error(400, str(e))
+        except StorageError as e:
+            return error(507, str(e))
 
     routes = [
         Route("/api/health", health),
@@ -289,7 +309,8 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
     ]
 
     async def not_found(request: Request, exc):
-        return error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found"))
+        # 405 keeps its Allow header (which methods the path takes).
+        return error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found"), getattr(exc, "headers", None))
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
     app.state.studio = studio

@@ -19,10 +19,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sqlite3
+
 import numpy as np
 
 from .. import output
-from ..audio import FORMATS, SAMPLE_RATE, AudioError, read_audio
+from ..audio import FORMATS, SAMPLE_RATE, AudioError, honour_umask, read_audio
 from ..hub import WeightsUnavailable
 from ..settings import audio_reference, draw_seed
 from .history import History
@@ -34,6 +36,10 @@ ACTIVE = ("queued", "running")
 
 class JobCancelled(Exception):
     pass
+
+
+class StorageError(Exception):
+    """The output folder or the history database cannot take what must be written (a full disk, ...): 507."""
 
 
 class QueueFull(Exception):
@@ -91,15 +97,20 @@ class Studio:
     """The job queue, its worker, the uploads and the history of one output folder."""
 
     def __init__(self, output_dir: str | Path, weights_dir: str | Path | None = None,
-                 limits: Limits | None = None, queue_size: int = 8):
+                 limits: Limits | None = None, queue_size: int = 8,
+                 upload_hours: float = 24.0, upload_budget_bytes: int = 1 << 30):
         self.output_dir = Path(output_dir).resolve()
         self.uploads_dir = self.output_dir / "uploads"
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.weights_dir = weights_dir
         self.limits = limits or Limits()
+        self.upload_seconds = upload_hours * 3600.0  # uploads older than this are removed
+        self.upload_budget_bytes = upload_budget_bytes  # and the oldest go once all of them pass this
         self.history = History(self.output_dir / "history.sqlite3")
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.jobs: dict[str, Job] = {}  # queued and running jobs (finished ones live in the history)
+        self._unsaved: dict[str, Job] = {}  # finished jobs the history could not take (a full disk)
+        self.prune_uploads()
         self.pipeline = None
         self.stopping = False  # set by close(): jobs cut short say why
         self.durations: list[float] = []  # of recent jobs, for Retry-After
@@ -125,7 +136,10 @@ class Studio:
         with self._lock:
             if self.queue.full():
                 raise QueueFull(self.retry_after())
-            self.history.save(job.record())
+            try:
+                self.history.save(job.record())
+            except (sqlite3.Error, OSError) as e:
+                raise StorageError(f"the job could not be recorded ({e}); nothing was queued") from None
             self.jobs[job.id] = job
             self.queue.put_nowait(job)  # only this lock's holder puts: there is room
         return job
@@ -139,6 +153,8 @@ class Studio:
         job = self.jobs.get(job_id)
         if job is not None:
             return self._with_position(job)
+        if job_id in self._unsaved:
+            return self._unsaved[job_id].live()
         return self.history.get(job_id) if ID_PATTERN.fullmatch(job_id) else None
 
     def _with_position(self, job: Job) -> dict:
@@ -181,21 +197,55 @@ class Studio:
     # ---- uploads ----------------------------------------------------------------------
     def add_upload(self, data: bytes) -> dict:
         """Decode an uploaded file as the CLI does (any libsndfile format, resampled, mono or stereo)."""
+        if len(data) > self.upload_budget_bytes:
+            raise BadRequest(f"the upload is larger than the server keeps for all uploads ({self.upload_budget_bytes} bytes)")
+        self.prune_uploads(room=len(data))
         upload_id = new_id()
         path = self.uploads_dir / f"{upload_id}.audio"
-        fd, tmp = tempfile.mkstemp(prefix=".upload.", suffix=".part", dir=self.uploads_dir)
+        tmp = None
         try:
-            with open(fd, "wb") as f:
-                f.write(data)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".upload.", suffix=".part", dir=self.uploads_dir)
+                with open(fd, "wb") as f:
+                    f.write(data)
+            except OSError as e:
+                raise StorageError(f"the upload could not be stored ({e.strerror or e})") from None
             try:
                 audio = read_audio(tmp)
             except AudioError as e:
                 # The message names the temporary file (a server path): name the upload instead.
                 raise BadRequest(str(e).replace(f"'{tmp}'", "the upload").replace(tmp, "uploaded file")) from None
+            honour_umask(tmp)
             Path(tmp).replace(path)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
         return dict(id=upload_id, seconds=audio.shape[1] / SAMPLE_RATE, peaks=waveform_peaks(audio))
+
+    def prune_uploads(self, room: int = 0) -> None:
+        """Remove uploads past their lifetime, then the oldest until ``room`` more bytes fit the budget.
+        Uploads that a queued or running job will read are kept."""
+        in_use = {audio_reference(j.request.init_audio).get("upload") for j in list(self.jobs.values())
+                  if j.request is not None and j.request.init_audio}
+        now = time.time()
+        files = []
+        for path in self.uploads_dir.glob("*.audio"):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if path.stem in in_use:
+                continue
+            if now - stat.st_mtime > self.upload_seconds:
+                path.unlink(missing_ok=True)
+            else:
+                files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files) + room
+        for _, size, path in sorted(files):
+            if total <= self.upload_budget_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
 
     def _init_audio_path(self, reference: str) -> Path:
         """The file behind an ``upload:ID`` / ``job:ID:N`` reference (ids only, never request paths)."""
@@ -249,10 +299,16 @@ class Studio:
         self.durations.append(time.perf_counter() - started)
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
+        """A job's end, once (a stop that outwaited the job may have recorded it already)."""
         with self._lock:
+            if self.jobs.pop(job.id, None) is None:
+                return
             job.update(status=status, stage=status, error=error, finished=time.time())
-            self.history.save(job.record())
-            self.jobs.pop(job.id, None)
+            try:
+                self.history.save(job.record())
+            except (sqlite3.Error, OSError) as e:  # a full disk: the job's end is still known while we run
+                job.update(warnings=job.warnings + [f"the history could not record this job's end ({e})"])
+                self._unsaved[job.id] = job
 
     def _get_pipeline(self, settings):
         from ..pipeline import Pipeline
@@ -301,13 +357,20 @@ class Studio:
                                  init_noise_level_used=done.init_noise_level, steps_used=done.steps,
                                  cfg_used=done.cfg, sampler_used=done.sampler))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop: queued jobs are cancelled now, a running one at its next step; the history records both."""
         self.stopping = True
         for job in list(self.jobs.values()):
             job.cancel_requested.set()
-        try:
-            self.queue.put_nowait(None)
-        except queue.Full:
-            pass
-        self._worker.join(timeout=10)
+        while True:  # jobs still waiting never start
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job.id in self.jobs:
+                self._finish(job, "cancelled", error="cancelled: the server stopped")
+        self.queue.put(None)  # there is room now: the worker ends after the running job
+        self._worker.join(timeout=timeout)
+        for job in list(self.jobs.values()):  # a job that did not stop in time
+            self._finish(job, "cancelled", error="cancelled: the server stopped")
         self.history.close()

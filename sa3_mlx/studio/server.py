@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import re
+import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -13,6 +14,7 @@ import webbrowser
 from pathlib import Path
 
 from ..arguments import Parser, UsageError, finite_float, positive_int
+from .app import is_loopback
 from .settings import Limits
 
 API_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~-]{8,}")  # it travels in headers, URLs and a cookie as is
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="sa3 studio", description="A local web studio and HTTP API for Stable Audio 3 "
                "(OpenAPI description at /api/openapi.json).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--api-key", default=os.environ.get("SA3_STUDIO_API_KEY"),
                    help="key every request must carry (required off loopback; default $SA3_STUDIO_API_KEY)")
     p.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
@@ -40,16 +42,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"most outputs per job (default and most {limits.max_batch})")
     p.add_argument("--max-upload-mb", type=finite_float, default=limits.max_upload_bytes / 2**20,
                    help="largest upload in MiB (default 64)")
+    p.add_argument("--upload-hours", type=finite_float, default=24.0,
+                   help="uploads are removed after this many hours (default 24)")
+    p.add_argument("--upload-budget-mb", type=finite_float, default=1024.0,
+                   help="all uploads together at most this many MiB; the oldest go first (default 1024)")
     return p
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def port_number(text: str) -> int:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        value = int(text)
     except ValueError:
-        return False
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535 (got {value})")
+    return value
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound socket, so that a bad host or a busy port is one clear error before anything starts."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"--host {host}: cannot be resolved ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
+    return sock
 
 
 def run(argv: list[str]) -> int:
@@ -70,6 +93,10 @@ def run(argv: list[str]) -> int:
         raise UsageError(f"--max-batch must be at most {table.max_batch}")
     if not 0 < args.max_upload_mb <= 4096:
         raise UsageError("--max-upload-mb must be in (0, 4096]")
+    if not 0 < args.upload_hours <= 24 * 365:
+        raise UsageError("--upload-hours must be in (0, 8760]")
+    if not args.max_upload_mb <= args.upload_budget_mb <= 1 << 20:
+        raise UsageError("--upload-budget-mb must be at least --max-upload-mb and at most 1048576")
 
     import uvicorn
 
@@ -80,10 +107,16 @@ def run(argv: list[str]) -> int:
     configure_process()
     limits = Limits(max_seconds=args.max_seconds, max_steps=args.max_steps, max_batch=args.max_batch,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
-    studio = Studio(args.output_dir, weights_dir=args.weights_dir, limits=limits, queue_size=args.queue_size)
+    sock = listen(args.host, args.port)
+    try:
+        studio = Studio(args.output_dir, weights_dir=args.weights_dir, limits=limits, queue_size=args.queue_size,
+                        upload_hours=args.upload_hours, upload_budget_bytes=int(args.upload_budget_mb * 2**20))
+    except (sqlite3.Error, OSError) as e:
+        sock.close()
+        raise UsageError(f"cannot open the studio's folder {args.output_dir} ({e}); free some space or choose "
+                         "another --output-dir") from None
     app = build_app(studio, api_key=args.api_key, loopback_only=is_loopback(args.host))
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
 
     def announce() -> None:
         while not server.started:
@@ -99,11 +132,12 @@ def run(argv: list[str]) -> int:
 
     threading.Thread(target=announce, daemon=True).start()
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown: stopping the studio is a clean exit
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM and SIGHUP (see cli.stop_on_signals): a clean stop
+        pass  # uvicorn re-raises the signal after its graceful shutdown
     finally:
         studio.close()
+        sock.close()
     if not server.started:
         print(f"error: could not listen on {args.host}:{args.port}", file=sys.stderr)
         return 2
