@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .settings import DTYPES
 
@@ -72,6 +73,41 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
     )
 
 
+def run_cold(model: str, seconds: float, steps: int, weights_dir: str, dit_dtype: str | None = None) -> dict:
+    """Process start to first audio written: ``sa3`` itself, weights read from ``weights_dir``.
+
+    The process's wall time and peak resident memory come from the OS (``wait4``), the stages from
+    the CLI's own JSON summary.
+    """
+    import tempfile
+
+    from .sources.modules import BENCH_PROMPT
+
+    with tempfile.TemporaryDirectory(prefix="sa3-bench-") as out:
+        command = [sys.executable, "-m", "sa3_mlx.cli", "--prompt", BENCH_PROMPT, "--dit", model,
+                   "--seconds", repr(seconds), "--steps", str(steps), "--seed", "1", "--weights-dir", weights_dir,
+                   "--json", "--out", str(Path(out) / "cold.wav")]
+        if dit_dtype:
+            command += ["--dit-dtype", dit_dtype]
+        with open(Path(out) / "stdout", "w+b") as stdout, open(Path(out) / "stderr", "w+b") as stderr:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(command, stdout=stdout, stderr=stderr)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            stdout.seek(0)
+            stderr.seek(0)
+            printed, errors = stdout.read(), stderr.read()
+    if proc.returncode != 0:
+        raise RuntimeError((errors.decode(errors="replace").strip().splitlines() or ["failed"])[-1])
+    summary = json.loads(printed)
+    stages = {s["name"]: round(s["seconds"], 3) for s in summary["stages"]}
+    peak_rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    return dict(model=model, seconds=seconds, steps=steps, cold_wall_s=wall, stages=stages,
+                load_s=sum(v for k, v in stages.items() if k.startswith("load")),
+                peak_rss_bytes=peak_rss, peak_bytes=summary["peak_memory_bytes"])
+
+
 def _peak_rss() -> int:
     """The process's peak resident memory in bytes: MLX's buffers plus numpy's and Python's
     (on a CPU, MLX's own count misses the arrays of the numpy fast paths)."""
@@ -104,6 +140,59 @@ def hardware() -> dict:
     return info
 
 
+def cold_main(args) -> int:
+    """``sa3 bench --cold``: one fresh ``sa3`` process per cell."""
+    from rich.console import Console
+
+    from .runtime import configure_process
+
+    configure_process()  # the header then reports what the measured processes do
+    from rich.table import Table
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    lengths = [float(s) for s in args.seconds.split(",") if s.strip()]
+    console = Console(stderr=args.json, highlight=False, width=None if sys.stdout.isatty() else 140)
+    weights = args.weights_dir
+    if weights is None:
+        if not args.random_weights:
+            console.print("[red]error:[/red] --cold needs --weights-dir DIR or --random-weights")
+            return 2
+        from .sources.modules import write_random_bundle
+
+        console.print(f"  writing full-size random weights to {args.bundle_dir} (once) ...")
+        weights = str(write_random_bundle(args.bundle_dir, tuple(models)))
+    hw = hardware()
+    console.print(f"[dim]{' | '.join(f'{k} {v}' for k, v in hw.items())}[/dim]")
+    results = []
+    for model in models:
+        for seconds in lengths:
+            console.print(f"  cold {model} {seconds:g} s ...", end="")
+            try:
+                results.append(run_cold(model, seconds, args.steps, weights, args.dit_dtype))
+                console.print(f" {results[-1]['cold_wall_s']:.2f} s")
+            except RuntimeError as e:
+                console.print(f" [red]{e}[/red]")
+                results.append(dict(model=model, seconds=seconds, error=str(e)))
+    if args.json:
+        print(json.dumps({"hardware": hw, "cold": results}, indent=2))
+        return 0 if all("error" not in r for r in results) else 1
+    table = Table(box=None, padding=(0, 1))
+    for column in ("model", "seconds", "start to file", "loading", "load text", "load DiT", "sampling",
+                   "decode", "peak RSS", "peak MLX"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in results:
+        if "error" in r:
+            table.add_row(r["model"], f"{r['seconds']:g}", "[red]failed[/red]", *[""] * 7)
+            continue
+        st = r["stages"]
+        table.add_row(r["model"], f"{r['seconds']:g}", f"{r['cold_wall_s']:.2f} s", f"{r['load_s']:.2f} s",
+                      f"{st.get('load text encoder', 0):.2f} s", f"{st.get('load DiT', 0):.2f} s",
+                      f"{st.get('sampling', 0):.2f} s", f"{st.get('decoding', 0):.2f} s",
+                      f"{r['peak_rss_bytes'] / 1024**3:.2f} GB", f"{r['peak_bytes'] / 1024**3:.2f} GB")
+    console.print(table)
+    return 0 if all("error" not in r for r in results) else 1
+
+
 def main(argv: list[str]) -> int:
     from .arguments import Parser
 
@@ -120,8 +209,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, help="untimed runs before the timed one (default 1 on GPU, 0 on CPU)")
     p.add_argument("--repeat", type=int, help="timed runs per cell, the median is reported (default 5 on GPU, 1 on CPU)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--cold", action="store_true",
+                   help="measure `sa3` itself from process start to the file written, weights read from disk "
+                        "(--weights-dir, or with --random-weights a full-size random bundle written once to "
+                        "--bundle-dir), with the process's peak resident memory")
+    p.add_argument("--bundle-dir", default=str(Path.home() / ".cache" / "sa3-mlx" / "random-bundle"),
+                   help="where --cold --random-weights keeps its files (default ~/.cache/sa3-mlx/random-bundle)")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print its JSON
     args = p.parse_args(argv)
+    if args.cold:
+        return cold_main(args)
 
     if args.cell:
         spec = json.loads(args.cell)

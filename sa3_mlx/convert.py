@@ -18,15 +18,14 @@ like the original release. A converted ``small-music``/``small-sfx``/``medium`` 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from . import upstream
+from .weights import save_npz
 from .hub import CONVERTED_MANIFEST as MANIFEST
 from .hub import CONVERTED_TOKENIZER_DIR as TOKENIZER_DIR
 from .hub import T5GEMMA_FILE as T5_FILE
@@ -41,18 +40,6 @@ def dit_name(source: str | Path) -> str:
         if name.endswith(ending):
             return official
     return "".join(c if c.isalnum() or c == "-" else "-" for c in name).strip("-") or "model"
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` to a temporary name, renamed into place (no half-written file is left)."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _meta(config) -> np.ndarray:
@@ -74,7 +61,7 @@ def convert(source: str | Path, out_dir: str | Path, progress: bool = True) -> l
     family = model.codec.family
     for role in ("encoder", "decoder"):
         path = out / f"same_{family}_{role}_f32.npz"
-        _save_npz(path, {k: np.asarray(v, dtype=np.float32) for k, v in model.same_weights[role].items()})
+        save_npz(path, {k: np.asarray(v, dtype=np.float32) for k, v in model.same_weights[role].items()})
         written.append(path)
     manifest = dict(
         source=str(source), model_type=model.model_type, codec=asdict(model.codec),
@@ -92,12 +79,12 @@ def convert(source: str | Path, out_dir: str | Path, progress: bool = True) -> l
         arrays["TOKENIZER_MODEL"] = np.frombuffer(sp_model, dtype=np.uint8)
         arrays["rope_inv_freq"] = np.array(default_rope_inv_freq(config), dtype=np.float32)
         path = out / T5_FILE
-        _save_npz(path, arrays)
+        save_npz(path, arrays)
         written.append(path)
 
         name = dit_name(source)
         path = out / f"dit_{name}_f16.npz"
-        _save_npz(path, {k: np.asarray(v, dtype=np.float16) for k, v in model.dit_weights.items()})
+        save_npz(path, {k: np.asarray(v, dtype=np.float16) for k, v in model.dit_weights.items()})
         written.append(path)
 
         tokenizer_dir = out / TOKENIZER_DIR

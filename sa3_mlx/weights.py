@@ -106,6 +106,22 @@ class WeightDict(dict):
         return tuple(self[key].shape)
 
 
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` to a temporary name beside ``path``, renamed into place (no half-written file is left)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def read_all(path: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of an ``.npz`` file, read into memory (LoRA merging needs the stored values)."""
     npz = NpzWeights(path)

@@ -24,3 +24,25 @@ def test_hardware_line_and_peak_rss():
     if "cpu" in info["device"].lower():
         assert "blas" in info and info["memory reuse"] == ("on" if sys.platform == "linux" else "not needed on this platform")
     assert 10 << 20 < bench._peak_rss() < 1 << 40  # bytes on every platform
+
+
+def test_cold_start_runs_sa3_from_a_written_bundle(tmp_path, monkeypatch):
+    """`sa3 bench --cold`: the random bundle is written in the official format and a fresh `sa3` process
+    generates from it; the figures come from the OS and the CLI's own summary."""
+    from sa3_mlx.sources import modules
+    from tests.bundle import T5_CONFIG
+
+    tiny_dit = dict(embed_dim=64, depth=2, num_heads=2, ff_inner=128, differential=False, io_channels=256,
+                    head_dim=32, cond_token_dim=64, global_cond_dim=64, local_add_cond_dim=257,
+                    num_memory_tokens=4, timestep_features_dim=256)
+    monkeypatch.setitem(modules.RELEASED_DIT, "sm-music", tiny_dit)
+    monkeypatch.setattr(modules, "RELEASED_T5GEMMA", {k: v for k, v in T5_CONFIG.items()
+                                                      if k not in ("rope_theta", "rms_norm_eps", "pad_token_id")})
+    monkeypatch.setitem(modules.RELEASED_SAME, "same-s", dict(family="s", dim=64, num_heads=2, head_dim=32,
+                                                              num_blocks=2, ff_inner=128))
+    folder = modules.write_random_bundle(tmp_path / "bundle", ("sm-music",))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["t5gemma_f16.npz", "dit_sm-music_f16.npz", "same_s_encoder_f32.npz", "same_s_decoder_f32.npz"])
+    result = bench.run_cold("sm-music", 1.0, 1, str(folder))
+    assert result["cold_wall_s"] > result["load_s"] > 0 and 10 << 20 < result["peak_rss_bytes"] < 1 << 40
+    assert set(result["stages"]) >= {"load text encoder", "load DiT", "sampling", "decoding"}

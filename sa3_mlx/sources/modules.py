@@ -122,7 +122,8 @@ def random_source(model: str = "sm-music") -> ModuleSource:
         from ..conditioning import Conditioner, ConditionerConfig
         from ..models.dit import DiT, DiTConfig
 
-        return DiT(DiTConfig(**RELEASED_DIT[model])), Conditioner(ConditionerConfig(cond_dim=768, seconds_features=256))
+        config = DiTConfig(**RELEASED_DIT[model])
+        return DiT(config), Conditioner(ConditionerConfig(cond_dim=config.cond_token_dim, seconds_features=256))
 
     def codec(name: str, role: str):
         from ..models.same import SAMEConfig, build_same
@@ -156,3 +157,45 @@ def bench_tokenizer() -> bytes:
                                        hard_vocab_limit=False, split_digits=True)
         _TOKENIZER = out.getvalue()
     return _TOKENIZER
+
+
+def write_random_bundle(folder: str | Path, models: tuple[str, ...] = ("sm-music",)) -> Path:
+    """The official files of ``models`` (text encoder, DiTs, their codecs' encoder and decoder) with
+    full-size random weights, in the official names, layouts and dtypes: what ``sa3 bench --cold``
+    loads from disk. Files already there are kept (written once)."""
+    import json
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from ..models.dit import COND_PREFIX
+    from ..weights import save_npz
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def fp16(module) -> dict:
+        return {k: np.array(v.astype(mx.float16)) for k, v in tree_flatten(module.parameters())}
+
+    if not (folder / hub.T5GEMMA_FILE).is_file():
+        encoder, _ = random_source(models[0])._text()
+        arrays = fp16(encoder)
+        meta = dict(RELEASED_T5GEMMA, rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0)
+        arrays["META"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        arrays["TOKENIZER_MODEL"] = np.frombuffer(bench_tokenizer(), np.uint8)
+        save_npz(folder / hub.T5GEMMA_FILE, arrays)
+    for model in models:
+        source = random_source(model)
+        if not (folder / hub.MODELS[model].dit_file).is_file():
+            dit, conditioner = source._dit()
+            arrays = fp16(dit)
+            arrays.update({COND_PREFIX + k: v for k, v in fp16(conditioner).items()})
+            save_npz(folder / hub.MODELS[model].dit_file, arrays)
+        for role in ("encoder", "decoder"):
+            path = folder / hub.codec_file(source.codec, role)
+            if not path.is_file():
+                module = source._codec(source.codec, role)
+                arrays = {k: np.array(v) for k, v in tree_flatten(module.parameters())}
+                save_npz(path, module.to_official_layout(arrays))
+    return folder
