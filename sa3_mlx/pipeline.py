@@ -22,7 +22,7 @@ from . import codec, hub, upstream
 from .conditioning import Conditioner, load_conditioner
 from .lora import LoraStack
 from .models.dit import DiT, DiTConditioning, load_dit
-from .models.layers import store_linear_weights_transposed
+from .kernels.cpu import store_linear_weights_transposed
 from .models.same import load_same
 from .models.t5gemma import load_t5gemma
 from .sampling import SAMPLERS, Guidance, apply_guidance, build_schedule, paste_back, seeded_step_noise
