@@ -171,6 +171,26 @@ def test_self_attention(norm, differential, masked, rope_dims):
                  what="self-attention")
 
 
+def test_differential_self_attention_equals_one_attention_over_2h_heads():
+    """The reference's two maps over shared values are what SAME used to run as one
+    attention over 2H heads with tiled values: the heads are independent."""
+    H, D = 4, 32
+    qkv = normal(30, 34, 5 * H * D, seed=12)
+    q_norm, k_norm = _dyt(2), _dyt(3)
+    fused = np.array(REF.self_attention(qkv, H, D**-0.5, q_norm, k_norm, 16, 10000.0, True))
+    q, k, v, q_diff, k_diff = mx.split(qkv, 5, axis=-1)
+    queries = REF.qk_norm(mx.concatenate([kernels.split_heads(q, H), kernels.split_heads(q_diff, H)], axis=1), q_norm)
+    keys = REF.qk_norm(mx.concatenate([kernels.split_heads(k, H), kernels.split_heads(k_diff, H)], axis=1), k_norm)
+    values = mx.tile(kernels.split_heads(v, H), (1, 2, 1, 1))
+    out = REF.attention(REF.rope(queries, 16, 10000.0), REF.rope(keys, 16, 10000.0), values, D**-0.5)
+    main, diff = mx.split(out, 2, axis=1)
+    heads_2h = np.array(kernels.merge_heads(main - diff))
+    if mx.default_device() == mx.cpu:
+        assert np.array_equal(fused, heads_2h)
+    else:
+        assert_close(fused, heads_2h, atol=ATOL, what="two maps vs 2H heads")
+
+
 @on_cpu_only
 def test_self_attention_value_mask_in_heads_layout():
     """The DiT keeps its value mask as [B, 1, N, 1]; it means the same as [B, N]."""
