@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from sa3_mlx import kernels
 from sa3_mlx.models.dit import DiT, DiTConfig, load_dit, sanitize
-from sa3_mlx.models.layers import run_layers, store_linear_weights_transposed
+from sa3_mlx.models.layers import run_layers
 from sa3_mlx.weights import WeightDict, WeightError
 
 from .util import ManifestWeights, assert_close, load_case
@@ -137,7 +138,7 @@ def test_transposed_weight_storage_changes_only_the_layout(golden, variant, case
     model = load_dit(golden_weights(golden, variant))[0]
     before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     expected = np.array(model(*inputs(case)))
-    store_linear_weights_transposed(model)
+    kernels.by_name("cpu").prepare(model)
     after = dict(tree_flatten(model.parameters()))
     assert before.keys() == after.keys()
     for key, value in after.items():

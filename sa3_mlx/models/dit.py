@@ -28,9 +28,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import kernels
 from ..weights import NpzWeights, WeightError, WeightView, count_indexed, load_strict, require
 from .layers import (
-    Attention, FeedForward, expo_fourier_frequencies, fourier_features, merge_repeated_tokens, run_layers, silu_mlp,
+    Attention, FeedForward, expo_fourier_frequencies, fourier_features, run_layers, silu_mlp,
 )
 
 COND_PREFIX = "cond."
@@ -292,13 +293,14 @@ class DiT(nn.Module):
         what upstream's ``padding_mask`` does in its PyTorch SDPA path (the reference run;
         its flash-attention varlen path drops those keys instead). In fp32, repeated
         context tokens (the prompt's padding) are merged into one weighted key
-        (:func:`~sa3_mlx.models.layers.merge_repeated_tokens`) unless ``merge_repeats`` is False.
+        (:meth:`~sa3_mlx.kernels.Kernels.merge_repeated_tokens`) unless ``merge_repeats`` is False.
         """
         dtype = self.dtype
         key_bias = None
-        if merge_repeats and dtype == mx.float32 and (merged := merge_repeated_tokens(cross_attn_cond)) is not None:
-            # Exact in fp32; in half precision the log-count bias would round (log 236 by ~4e-3 in fp16).
-            cross_attn_cond, key_bias = merged
+        # Exact in fp32; in half precision the log-count bias would round (log 236 by ~4e-3 in fp16).
+        if merge_repeats and dtype == mx.float32:
+            if (merged := kernels.active().merge_repeated_tokens(cross_attn_cond)) is not None:
+                cross_attn_cond, key_bias = merged
         context = run_layers(self.to_cond_embed, cross_attn_cond.astype(dtype))
         global_embed = run_layers(self.to_global_embed, global_cond.astype(dtype))
         if local_add_cond is None:

@@ -15,6 +15,9 @@ official weight files load without renaming:
   ``to_out``, ``q_norm``, ``k_norm``).
 * :func:`expo_fourier_frequencies`, :func:`fourier_features`: the exponentially spaced
   Fourier features of upstream ``ExpoFourierFeatures`` (DiT timestep, seconds embedder).
+
+The ops themselves (attention, the GLU) come from the active kernels backend
+(:func:`sa3_mlx.kernels.active`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import fastmath
+from .. import kernels
+from ..kernels import RMSNormParams, merge_heads, split_heads  # noqa: F401 (the heads helpers, re-exported)
 
 
 def silu_mlp(in_dims: int, hidden_dims: int, out_dims: int, bias: bool) -> list[nn.Module]:
@@ -56,7 +60,7 @@ class GLU(nn.Module):
         self.proj = nn.Linear(in_dims, 2 * out_dims)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return fastmath.linear_glu(x, self.proj, "silu")
+        return kernels.active().linear_glu(x, self.proj, "silu")
 
 
 class FeedForward(nn.Module):
@@ -75,33 +79,6 @@ class FeedForward(nn.Module):
         return run_layers(self.ff, x)
 
 
-def store_linear_weights_transposed(module: nn.Module) -> None:
-    """Keep each ``nn.Linear`` weight ``[out, in]`` as a view of a row-major ``[in, out]`` array.
-
-    ``x @ W.T`` then reaches BLAS as a plain product instead of one with a transposed
-    operand, which OpenBLAS runs 3-17% faster on the small DiT's shapes (measured on
-    the x86 dev box; the SAME decoder's much taller products gain nothing). Shapes and
-    values are unchanged, so nothing else notices; one weight is copied at a time.
-    """
-    for _, layer in module.named_modules():
-        if isinstance(layer, nn.Linear):
-            stored = mx.contiguous(layer.weight.T)
-            mx.eval(stored)
-            layer.weight = stored.T
-
-
-def split_heads(x: mx.array, num_heads: int) -> mx.array:
-    """``[B, L, H * D] -> [B, H, L, D]``."""
-    B, L, _ = x.shape
-    return x.reshape(B, L, num_heads, -1).transpose(0, 2, 1, 3)
-
-
-def merge_heads(x: mx.array) -> mx.array:
-    """``[B, H, L, D] -> [B, L, H * D]``."""
-    B, H, L, D = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(B, L, H * D)
-
-
 def differential_attention(
     q: mx.array, k: mx.array, v: mx.array, q_diff: mx.array, k_diff: mx.array, scale: float,
     mask: mx.array | None = None,
@@ -113,8 +90,9 @@ def differential_attention(
     per-head norm after the subtraction (the Differential Transformer paper has
     both; the Stable Audio 3 checkpoints have neither).
     """
-    main = fastmath.attention(q, k, v, scale, mask)
-    diff = fastmath.attention(q_diff, k_diff, v, scale, mask)
+    ops = kernels.active()
+    main = ops.attention(q, k, v, scale, mask)
+    diff = ops.attention(q_diff, k_diff, v, scale, mask)
     return main - diff
 
 
@@ -167,7 +145,7 @@ class Attention(nn.Module):
 
         ``{"keys": [B, H, S, D] per query set (normalised), "values": [B, H, S, D]}``, plus
         ``"key_bias"`` [B, 1, 1, S] when given (added to the logits, see
-        :func:`merge_repeated_tokens`), and ``"value_out"`` [B, H S, dims] when the context
+        :meth:`~sa3_mlx.kernels.Kernels.merge_repeated_tokens`), and ``"value_out"`` [B, H S, dims] when the context
         has fewer tokens than a head has features: each head's values times its slice of
         ``to_out``. Then ``to_out(concat_h(P_h V_h)) = concat_h(P_h) @ value_out``, a
         product over H S inputs instead of dims (a merged 17-token prompt: 272, not 1024).
@@ -199,92 +177,32 @@ class Attention(nn.Module):
         valid) zeroes the values of padded positions: upstream's padding mask in its
         PyTorch SDPA path ("V-zeroing"; the padded keys keep their softmax weight).
         """
-        key_bias = None
-        if self.cross:
-            if context_kv is None:
-                if context is None:
-                    raise ValueError("cross-attention needs a context")
-                context_kv = self.context_keys_values(context)
-            keys, values, key_bias = context_kv["keys"], context_kv["values"], context_kv.get("key_bias")
-            queries = mx.split(self.to_q(x), 2 if self.differential else 1, axis=-1)
-            queries = [self.q_norm(split_heads(q, self.num_heads)) for q in queries]
-            if "value_out" in context_kv:
-                weights = fastmath.attention_weights(queries[0], keys[0], self.scale, key_bias)
-                if self.differential:
-                    weights = weights - fastmath.attention_weights(queries[1], keys[1], self.scale, key_bias)
-                B, H, L, S = weights.shape
-                return weights.transpose(0, 2, 1, 3).reshape(B, L, H * S) @ context_kv["value_out"]
-        else:
-            qkv = self.to_qkv(x)
-            if (host := fastmath.on_host(qkv)) is not None:
-                return self.to_out(self._attend_on_host(host, value_mask))
+        if not self.cross:
+            out = kernels.active().self_attention(
+                self.to_qkv(x), self.num_heads, self.scale,
+                RMSNormParams(self.q_norm.weight, self.q_norm.eps), RMSNormParams(self.k_norm.weight, self.k_norm.eps),
+                self.rope_dims, self.rope_base, self.differential, value_mask,
+            )
+            return self.to_out(out)
+        if context_kv is None:
+            if context is None:
+                raise ValueError("cross-attention needs a context")
+            context_kv = self.context_keys_values(context)
+        keys, values, key_bias = context_kv["keys"], context_kv["values"], context_kv.get("key_bias")
+        queries = mx.split(self.to_q(x), 2 if self.differential else 1, axis=-1)
+        queries = [self.q_norm(split_heads(q, self.num_heads)) for q in queries]
+        if "value_out" in context_kv:
+            ops = kernels.active()
+            weights = ops.attention_weights(queries[0], keys[0], self.scale, key_bias)
             if self.differential:
-                q, k, values, q_diff, k_diff = mx.split(qkv, 5, axis=-1)
-                queries, keys = [q, q_diff], [k, k_diff]
-            else:
-                q, k, values = mx.split(qkv, 3, axis=-1)
-                queries, keys = [q], [k]
-            queries = [self._rope(self.q_norm(split_heads(q, self.num_heads))) for q in queries]
-            keys = [self._rope(self.k_norm(split_heads(k, self.num_heads))) for k in keys]
-            values = split_heads(values, self.num_heads)
-            if value_mask is not None:
-                values = values * value_mask
+                weights = weights - ops.attention_weights(queries[1], keys[1], self.scale, key_bias)
+            B, H, L, S = weights.shape
+            return weights.transpose(0, 2, 1, 3).reshape(B, L, H * S) @ context_kv["value_out"]
         if self.differential:
             out = differential_attention(queries[0], keys[0], values, queries[1], keys[1], self.scale, key_bias)
         else:
-            out = fastmath.attention(queries[0], keys[0], values, self.scale, key_bias)
+            out = kernels.active().attention(queries[0], keys[0], values, self.scale, key_bias)
         return self.to_out(merge_heads(out))
-
-    def _attend_on_host(self, qkv: np.ndarray, value_mask: mx.array | None) -> mx.array:
-        """The CPU path of self-attention (:func:`fastmath.self_attention_on_host`)."""
-        sets = 2 if self.differential else 1
-        q_weight = np.asarray(self.q_norm.weight, dtype=np.float32)
-        k_weight = np.asarray(self.k_norm.weight, dtype=np.float32)
-        weight = np.stack([q_weight, k_weight] * sets)[:, None]  # [sets, 1, D]: q, k[, q_diff, k_diff]
-        eps = np.float32(self.q_norm.eps)
-
-        def rms_norm(qk: np.ndarray) -> None:
-            mean_square = np.square(qk).mean(axis=-1, keepdims=True)
-            mean_square += eps
-            qk /= np.sqrt(mean_square, out=mean_square)
-            qk *= weight
-
-        rope = fastmath.rope_table(qkv.shape[1], self.rope_dims, self.rope_base) if self.rope_dims else None
-        mask = None if value_mask is None else np.asarray(value_mask, dtype=np.float32).reshape(qkv.shape[0], -1)
-        return fastmath.self_attention_on_host(qkv, self.num_heads, self.differential, rms_norm, rope, self.scale, mask)
-
-    def _rope(self, x: mx.array) -> mx.array:
-        if not self.rope_dims:
-            return x
-        return mx.fast.rope(x, self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
-
-
-def merge_repeated_tokens(tokens: mx.array) -> tuple[mx.array, mx.array] | None:
-    """Cross-attention context ``[B, S, C]`` with repeated tokens kept once: ``(tokens, key_bias)``.
-
-    Attention has no notion of key order outside RoPE, and equal context tokens give
-    equal keys and values, so ``n`` copies of a token act exactly as one copy whose
-    logit is raised by ``log n``: ``n e^s = e^(s + log n)``. A prompt padded to 256
-    tokens is mostly copies of the padding embedding, so the cross-attention shrinks
-    from 257 keys to a few dozen. Rows are padded to a common length with bias
-    ``-inf`` (no weight). ``key_bias`` is ``[B, 1, 1, S']``. None when nothing repeats.
-    """
-    host = np.asarray(tokens)
-    B, S, C = host.shape
-    rows = []
-    for row in host:
-        unique, first, counts = np.unique(row, axis=0, return_index=True, return_counts=True)
-        order = np.argsort(first)  # keep first-occurrence order: deterministic and readable
-        rows.append((unique[order], counts[order]))
-    length = max(len(u) for u, _ in rows)
-    if length == S:
-        return None
-    merged = np.zeros((B, length, C), dtype=host.dtype)
-    bias = np.full((B, 1, 1, length), -np.inf, dtype=np.float32)
-    for b, (unique, counts) in enumerate(rows):
-        merged[b, : len(unique)] = unique
-        bias[b, 0, 0, : len(unique)] = np.log(counts.astype(np.float64))
-    return mx.array(merged), mx.array(bias)
 
 
 def expo_fourier_frequencies(dim: int, min_freq: float = 0.5, max_freq: float = 10000.0) -> mx.array:

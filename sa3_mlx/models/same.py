@@ -35,13 +35,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import fastmath
+from .. import kernels
+from ..kernels import DyTParams
 from ..weights import NpzWeights, WeightError, count_indexed, load_strict, require, shape_of
 from .layers import merge_heads, split_heads
 
 FAMILIES = ("s", "l")
-# Tokens per group when SAME-S chunks go through the blocks a group at a time on the CPU.
-CPU_GROUP_TOKENS = 1024
 ROLES = ("encoder", "decoder")
 MAPPING_KEY = "mapping.weight"
 
@@ -309,7 +308,11 @@ class DyT(nn.Module):
         self.beta = mx.zeros((dims,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.gamma * fastmath.tanh(self.alpha * x) + self.beta
+        return self.gamma * kernels.active().tanh(self.alpha * x) + self.beta
+
+    @property
+    def params(self) -> DyTParams:
+        return DyTParams(self.alpha, self.gamma, self.beta)
 
 
 def banded_attention(
@@ -340,12 +343,17 @@ def banded_attention(
         & (key_pos < N)
     )
     scores = mx.where(visible, scores, -mx.inf)
-    weights = fastmath.softmax(scores, axis=-1)
+    weights = kernels.active().softmax(scores, axis=-1)
     return (weights @ neighbourhoods(v)).reshape(B, H, N, D)
 
 
 class SAMEAttention(nn.Module):
-    """Differential self-attention with DyT q/k norms and RoPE (upstream ``Attention``)."""
+    """Differential self-attention with DyT q/k norms and RoPE (upstream ``Attention``).
+
+    Full attention (SAME-S chunks) is the kernels backend's fused
+    :meth:`~sa3_mlx.kernels.Kernels.self_attention`; SAME-L's sliding window is
+    :func:`banded_attention` over the main and diff heads together.
+    """
 
     def __init__(self, config: SAMEConfig):
         super().__init__()
@@ -359,48 +367,29 @@ class SAMEAttention(nn.Module):
         self.q_norm = DyT(config.head_dim)
         self.k_norm = DyT(config.head_dim)
 
-    def _rope(self, x: mx.array) -> mx.array:
-        return mx.fast.rope(x, self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0)
-
     def __call__(
         self, x: mx.array | None, window: tuple[int, int] | None = None, qkv: mx.array | None = None
     ) -> mx.array:
         """``x`` [B, N, dim]; ``window`` (left, right) in latents, or None for full attention.
         ``qkv``: ``to_qkv(x)`` when the caller has it (then ``x`` is not used)."""
         qkv = self.to_qkv(x) if qkv is None else qkv
-        if window is None and (host := fastmath.on_host(qkv)) is not None:
-            return self.to_out(self._attend_on_host(host))
+        if window is None:
+            out = kernels.active().self_attention(
+                qkv, self.num_heads, self.scale, self.q_norm.params, self.k_norm.params,
+                self.rope_dims, self.rope_base, differential=True,
+            )
+            return self.to_out(out)
         q, k, v, q_diff, k_diff = mx.split(qkv, 5, axis=-1)
-        # Main and differential maps run as one attention over 2H heads on shared values.
+        # Main and differential maps run as one banded attention over 2H heads on shared values.
         queries = mx.concatenate([split_heads(q, self.num_heads), split_heads(q_diff, self.num_heads)], axis=1)
         keys = mx.concatenate([split_heads(k, self.num_heads), split_heads(k_diff, self.num_heads)], axis=1)
         values = mx.tile(split_heads(v, self.num_heads), (1, 2, 1, 1))
-        queries = self._rope(self.q_norm(queries))
-        keys = self._rope(self.k_norm(keys))
-        if window is None:
-            out = fastmath.attention(queries, keys, values, self.scale)
-        else:
-            out = banded_attention(queries, keys, values, self.group, window, self.scale)
+        ops = kernels.active()
+        queries = ops.rope(self.q_norm(queries), self.rope_dims, self.rope_base)
+        keys = ops.rope(self.k_norm(keys), self.rope_dims, self.rope_base)
+        out = banded_attention(queries, keys, values, self.group, window, self.scale)
         main, diff = mx.split(out, 2, axis=1)
         return self.to_out(merge_heads(main - diff))
-
-
-    def _attend_on_host(self, qkv: np.ndarray) -> mx.array:
-        """The CPU path of full attention (:func:`fastmath.self_attention_on_host`)."""
-        # DyT parameters per query/key set, in the order q, k, q_diff, k_diff.
-        norms = [self.q_norm, self.k_norm, self.q_norm, self.k_norm]
-        alpha = np.stack([np.asarray(n.alpha, dtype=np.float32) for n in norms]).reshape(4, 1, 1)
-        gamma = np.stack([np.asarray(n.gamma, dtype=np.float32) for n in norms])[:, None]
-        beta = np.stack([np.asarray(n.beta, dtype=np.float32) for n in norms])[:, None]
-
-        def dyt(qk: np.ndarray) -> None:
-            qk *= alpha
-            np.tanh(qk, out=qk)
-            qk *= gamma
-            qk += beta
-
-        rope = fastmath.rope_table(qkv.shape[1], self.rope_dims, self.rope_base)
-        return fastmath.self_attention_on_host(qkv, self.num_heads, True, dyt, rope, self.scale)
 
 
 class SAMEFeedForward(nn.Module):
@@ -413,7 +402,7 @@ class SAMEFeedForward(nn.Module):
         self.proj_out = nn.Linear(inner_dims, dims)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.proj_out(fastmath.linear_glu(x, self.glu_proj, "sin_pi" if self.sin_gate else "silu"))
+        return self.proj_out(kernels.active().linear_glu(x, self.glu_proj, "sin_pi" if self.sin_gate else "silu"))
 
 
 class SAMEBlock(nn.Module):
@@ -488,14 +477,13 @@ class _SAMECodec(nn.Module):
     def _chunks_through(self, blocks: list, x: mx.array, first_qkv: mx.array | None = None) -> mx.array:
         """Independent chunks ``x`` [chunks, chunk tokens, dim] through ``blocks``.
 
-        On the CPU, a group of chunks at a time: SAME-S chunks do not see each other,
-        so grouping changes nothing but the working set, which then stays in the caches
-        and is reused from group to group (0.6 s of a 30 s decode on the dev box,
-        measured). A GPU takes them all at once.
+        As many chunks at a time as the kernels backend asks
+        (:meth:`~sa3_mlx.kernels.Kernels.chunks_per_group`): SAME-S chunks do not see
+        each other, so grouping changes nothing but the working set, which on the CPU
+        then stays in the caches and is reused from group to group (0.6 s of a 30 s
+        decode on the dev box, measured). A GPU takes them all at once.
         """
-        per_group = x.shape[0]
-        if mx.default_device() == mx.cpu:
-            per_group = max(1, CPU_GROUP_TOKENS // x.shape[1])
+        per_group = kernels.active().chunks_per_group(x.shape[0], x.shape[1])
         out = []
         for start in range(0, x.shape[0], per_group):
             h = x[start : start + per_group]

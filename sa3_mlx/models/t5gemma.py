@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 import sentencepiece as spm
 
-from . import fastmath
+from .. import kernels
 from ..weights import NpzWeights, WeightError, WeightView, count_indexed, load_strict, require, shape_of
 
 # Byte blobs and buffers in the weight file that are not module parameters.
@@ -179,9 +179,9 @@ class Attention(nn.Module):
         # Softcapping acts on the logits before the mask and softmax, which SDPA cannot do.
         scores = (q @ k.swapaxes(-1, -2)) * self.scale
         if self.softcap is not None:
-            scores = fastmath.tanh(scores / self.softcap) * self.softcap
+            scores = kernels.active().tanh(scores / self.softcap) * self.softcap
         scores = scores + key_bias[:, None, None, None, :]
-        weights = fastmath.softmax(scores.astype(mx.float32), axis=-1)
+        weights = kernels.active().softmax(scores.astype(mx.float32), axis=-1)
         out = (weights.astype(v.dtype) @ v).reshape(B, self.num_heads, S, self.head_dim)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
@@ -196,7 +196,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(fastmath.gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.active().gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
 class EncoderLayer(nn.Module):
