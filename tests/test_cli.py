@@ -613,3 +613,16 @@ def test_help_has_examples_and_the_readme_documents_every_flag(capsys):
     assert not missing, f"README does not document {missing}"
     for command in ("sa3 download", "sa3 doctor", "sa3 info"):
         assert command in readme
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dit", ["sm-music", "medium"])
+def test_half_precision_runs_end_to_end(generate, work, init_wav, dtype, dit):
+    """What GPUs run by default (fp16 DiT, fp16 SAME-L) and bf16 also run on MLX's CPU device, guidance and
+    inpainting included; under scripts/test.sh --gpu-path this is the GPU code path too."""
+    code, out, err = generate("--prompt", "drum fill", "--dit", dit, "--dit-dtype", dtype, "--codec-dtype", dtype,
+                              "--cfg", "2", "--init-audio", init_wav(1.5), "--inpaint-range", "0.2,0.6",
+                              "--format", "wav32f")
+    assert code == 0, err
+    audio = read(work / out.strip())
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
