@@ -226,9 +226,24 @@ def store_linear_weights_transposed(module: nn.Module) -> None:
     """
     for _, layer in module.named_modules():
         if isinstance(layer, nn.Linear) and layer.weight.dtype == mx.float32:
-            stored = mx.contiguous(layer.weight.T)
-            mx.eval(stored)
-            layer.weight = stored.T
+            layer.weight = mx.array(_transposed(np.asarray(layer.weight))).T
+
+
+_TRANSPOSE_ROWS = 256  # rows per block: a block's source rows and destination columns stay in the caches
+
+
+def _transposed(a: np.ndarray) -> np.ndarray:
+    """``a.T`` as a new row-major array, copied in cache-sized blocks over the cores (MLX's strided copy
+    of a large fp32 matrix runs about 2x slower: 122 against 69 ms for 12k x 1k on the dev box)."""
+    out = np.empty((a.shape[1], a.shape[0]), a.dtype)
+
+    def run(part: slice) -> None:
+        for start in range(part.start, part.stop, _TRANSPOSE_ROWS):
+            stop = min(start + _TRANSPOSE_ROWS, part.stop)
+            out[:, start:stop] = a[start:stop].T
+
+    Workers.shared().split(a.shape[0], run)
+    return out
 
 
 # ---------------------------------------------------------------- host attention
