@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import mlx.core as mx
 
 from .models.dit import DiT, DiTConditioning
-from .sampling import SAMPLERS, Guidance, apply_guidance
+from .sampling import SAMPLERS, Guidance, StepNoise, Velocity, apply_guidance
 from .sources import DISTILLED_DEFAULTS
 
 # Activation memory above which a sampler step runs block by block (see Denoiser.steps).
@@ -85,32 +85,26 @@ class Denoiser:
             self._compiled["blocks"] = [mx.compile(block) for block in blocks]
         return self._compiled["blocks"]
 
-    def steps(
+    def velocity(
         self,
-        noise: mx.array,
-        sigmas: mx.array,
+        batch: int,
+        latents: int,
         cross: mx.array,
         global_cond: mx.array,
         uncond: mx.array | None,
         guidance: Guidance,
-        step_noise: Callable[[int, tuple[int, ...], mx.Dtype], mx.array],
         local_cond: mx.array | None = None,
         padding_mask: mx.array | None = None,
-        sampler: str = DISTILLED_DEFAULTS.sampler,
-        dtype: mx.Dtype | None = None,
-    ) -> Iterator[mx.array]:
-        """The sampler's state after each step (the last one is the result).
+    ) -> Velocity:
+        """The guided velocity ``(x, t, level) -> v`` for ``batch`` items of ``latents`` latents.
 
         What does not change across steps (context and global projections, local
-        conditioning embeddings) is computed once here, not in every step.
-        ``padding_mask`` [1|B, T] (1 = valid latent) hides padded latents from the
-        self-attention; ``sampler`` is a key of ``sampling.SAMPLERS``. Stopping the
-        iteration early stops sampling at that step.
+        conditioning embeddings) is computed once here, not in every step. Guidance runs
+        (cond and uncond in one batched forward) when ``uncond`` is given and the noise
+        ``level`` is inside ``guidance.interval``; otherwise the conditional model alone.
+        ``padding_mask`` [1|B, T] (1 = valid latent) hides padded latents from the self-attention.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
         dit = self.dit
-        batch = noise.shape[0]
 
         def expand(a: mx.array | None) -> mx.array | None:
             return None if a is None else mx.broadcast_to(a, (batch, *a.shape[1:]))
@@ -129,7 +123,7 @@ class Denoiser:
         # (3.7 GB above the weights for the medium model at 120 s, 9 GB at 380 s on an
         # H100, measured): then the blocks run one after another, each compiled.
         rows = batch * (2 if uncond is not None else 1)
-        if dit.step_activation_bytes(noise.shape[-1], rows) > STEP_MEMORY:
+        if dit.step_activation_bytes(latents, rows) > STEP_MEMORY:
             blocks = self._block_functions()
             predict, guided = _predict_fn(dit, blocks), _guided_fn(dit, batch, guidance, blocks)
         else:
@@ -144,7 +138,33 @@ class Denoiser:
                 return predict(x, t, cond)
             return guided(x, t, pair, guided_extras)
 
-        x = noise.astype(dtype or dit.dtype)
+        return velocity
+
+    def steps(
+        self,
+        noise: mx.array,
+        sigmas: mx.array,
+        cross: mx.array,
+        global_cond: mx.array,
+        uncond: mx.array | None,
+        guidance: Guidance,
+        step_noise: StepNoise,
+        local_cond: mx.array | None = None,
+        padding_mask: mx.array | None = None,
+        sampler: str = DISTILLED_DEFAULTS.sampler,
+        dtype: mx.Dtype | None = None,
+    ) -> Iterator[mx.array]:
+        """The sampler's state after each step (the last one is the result).
+
+        ``sampler`` is a key of ``sampling.SAMPLERS``; a step is one sampler step, however
+        many model evaluations it takes (rk4: four). See :meth:`velocity` for the rest.
+        Stopping the iteration early stops sampling at that step.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        velocity = self.velocity(noise.shape[0], noise.shape[-1], cross, global_cond, uncond, guidance,
+                                 local_cond, padding_mask)
+        x = noise.astype(dtype or self.dit.dtype)
         yield from SAMPLERS[sampler](velocity, x, sigmas, step_noise)
 
     def sample(self, *args, on_step: Callable[[int, int], None] | None = None, **kwargs) -> mx.array:

@@ -25,10 +25,10 @@ from .conditioning import Conditioner, PromptEncoder
 from .denoiser import Denoiser
 from .lora import LoraStack
 from .models.dit import DiT
-from .plan import GenerationPlan, effective_latents, inpaint_keep_mask, make_plan
-from .sampling import Guidance, build_schedule, paste_back, seeded_step_noise
+from .plan import GenerationPlan, inpaint_keep_mask, make_plan
+from .sampling import Guidance, paste_back, seeded_step_noise
 from .settings import DTYPES as DTYPE_CHOICES
-from .settings import MODEL_DEFAULT, GenerationSettings, draw_seed, validate, variation_seed
+from .settings import MODEL_DEFAULT, GenerationSettings, check_sampler, draw_seed, validate, variation_seed
 from .sources import ModelSource, open_source
 
 DTYPES = dict(zip(DTYPE_CHOICES, (mx.float32, mx.float16, mx.bfloat16), strict=True))
@@ -106,6 +106,12 @@ def on_gpu() -> bool:
 
 def dtype_of(name: str | None) -> mx.Dtype | None:
     return None if name is None else DTYPES[name]
+
+
+def guidance_of(s: GenerationSettings) -> Guidance:
+    """The guidance settings of (resolved) ``s``."""
+    return Guidance(scale=s.cfg, apg=s.apg, interval=tuple(s.cfg_interval), rescale=s.cfg_rescale,
+                    norm_threshold=s.cfg_norm_threshold)
 
 
 class Pipeline:
@@ -295,8 +301,12 @@ class Pipeline:
 
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         """``settings`` as this pipeline runs them: the model's defaults for steps, cfg and sampler,
-        a seed when none was given, and the pipeline's own model, codec, dtypes and LoRAs."""
+        a seed when none was given, and the pipeline's own model, codec, dtypes and LoRAs.
+
+        A sampler that the model's objective does not take is a :class:`SettingsError` (``sampler``)."""
         d = self.source.defaults
+        if settings.sampler != MODEL_DEFAULT:
+            check_sampler(settings.sampler, d.objective, self.source.name)
         release = self.source.name if self.source.is_release else None
         return settings.replace(
             steps=d.steps if settings.steps == MODEL_DEFAULT else settings.steps,
@@ -347,7 +357,7 @@ class Pipeline:
 
     def _run(self, s: GenerationSettings, init_audio: np.ndarray | None) -> Iterator[Event]:
         plan = make_plan(s, self.source, self.codec_name, init_audio)
-        guidance = Guidance(scale=s.cfg, apg=s.apg)
+        guidance = guidance_of(s)
         self.stages = []
         mx.reset_peak_memory()
 
@@ -396,7 +406,7 @@ class Pipeline:
         padding_mask = None
         if plan.valid_latents is not None and plan.valid_latents < n_lat:
             padding_mask = (mx.arange(n_lat) < plan.valid_latents)[None, :]
-        sigmas = build_schedule(s.steps, plan.init_noise_level, self.source.shift, effective_latents(s.seconds))
+        sigmas = mx.array(plan.sigmas, dtype=mx.float32)
         latents = None
         states = self.denoiser.steps(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond,
                                      padding_mask, s.sampler, self.dit_dtype)

@@ -1,5 +1,6 @@
 """What a run will do, worked out from the settings and the model source before anything is loaded:
-the mode, the latent length (with upstream's headroom rule), the regions to regenerate, warnings."""
+the mode, the latent length (with upstream's headroom rule), the regions to regenerate, the noise
+schedule, warnings."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from .audio import SAMPLE_RATE
 from .codec import PATCH_SIZE, SAMPLES_PER_LATENT
-from .settings import MIN_NOISE_LEVEL
+from .sampling import build_schedule
+from .settings import MIN_NOISE_LEVEL, SettingsError, shift_options
 from .sources import CodecLayout
 
 MODES = ("text-to-audio", "audio-to-audio", "inpainting", "continuation")
@@ -77,10 +79,44 @@ class GenerationPlan:
     warnings: list[str]
     # With headroom: the latents the DiT attends to (upstream generate()'s padding mask); None = all.
     valid_latents: int | None = None
+    # The schedule: upstream's shift options (None: the LogSNR rate-0 default), whether they are the
+    # model's own, and the steps + 1 noise levels (float32 values) from init_noise_level down to 0.
+    shift: dict | None = None
+    shift_is_model: bool = True
+    sigmas: tuple[float, ...] = ()
+
+    @property
+    def shift_description(self) -> str:
+        """The shift as ``--shift`` spells it (a model's own: as its config gives it)."""
+        if self.shift is None:
+            text = "logsnr:rate=0.0"  # upstream's default LogSNRShift (its other parameters: the defaults)
+        else:
+            params = ",".join(f"{k}={v!r}" for k, v in self.shift.items() if k != "type")
+            text = self.shift["type"] + (":" + params if params else "")
+        return text + (" (the model's)" if self.shift_is_model else "")
+
+
+def schedule(settings, source, level: float) -> tuple[dict | None, bool, tuple[float, ...]]:
+    """``(shift options, whether they are the model's, noise levels)`` of (resolved) ``settings``.
+
+    A shift whose levels do not fall strictly from ``level`` to 0 at this length and step count
+    (possible with extreme parameters) is refused: the ODE samplers would divide by zero steps.
+    """
+    own = settings.shift == "model"
+    shift = source.shift if own else shift_options(settings.shift)
+    levels = build_schedule(settings.steps, level, shift, effective_latents(settings.seconds))
+    sigmas = [float(v) for v in np.array(levels)]
+    if not (all(math.isfinite(v) for v in sigmas) and all(a > b for a, b in zip(sigmas, sigmas[1:]))
+            and sigmas[-1] == 0.0):
+        shown = ", ".join(f"{v:.4g}" for v in sigmas[:6]) + (", ..." if len(sigmas) > 6 else "")
+        raise SettingsError("shift", f"{{shift}} {settings.shift} gives noise levels that do not fall steadily to 0 "
+                                     f"over {settings.steps} steps of {settings.seconds:g} s ({shown})")
+    return shift, own, tuple(sigmas)
 
 
 def make_plan(settings, source, codec: str, init_audio: np.ndarray | None = None) -> GenerationPlan:
-    """The plan of ``settings`` (checked by :func:`sa3_mlx.settings.validate`) on ``source`` with ``codec``.
+    """The plan of ``settings`` (checked by :func:`sa3_mlx.settings.validate`, the model's defaults
+    filled in: :meth:`Pipeline.resolve`) on ``source`` with ``codec``.
 
     ``init_audio`` is the decoded ``[2, samples]`` audio at 44.1 kHz, or None.
     """
@@ -116,4 +152,5 @@ def make_plan(settings, source, codec: str, init_audio: np.ndarray | None = None
     n_lat, valid = latent_length(seconds, codec), None
     if settings.headroom > 0:
         n_lat, valid = latent_seconds_rule(seconds, settings.headroom, source.codec_layout(codec))
-    return GenerationPlan(mode, n_lat, float(level), inpaint, warnings, valid)
+    shift, own, sigmas = schedule(settings, source, float(level))
+    return GenerationPlan(mode, n_lat, float(level), inpaint, warnings, valid, shift, own, sigmas)

@@ -37,12 +37,41 @@ MAX_SECONDS = 384.0  # the seconds conditioner's range; beyond it the duration e
 MAX_SEED = 2**63 - 1  # MLX keys take unsigned 64-bit seeds; the step-noise key is seed + 1
 RANDOM_SEED_RANGE = 2**31 - 1  # what a drawn seed is taken from (short enough to type)
 MIN_NOISE_LEVEL = 0.01  # below this the schedule collapses and the model is undefined
-SAMPLERS = ("pingpong", "euler")  # keys of sampling.SAMPLERS (not imported here: that loads MLX)
+SAMPLERS = ("pingpong", "euler", "rk4", "dpmpp")  # keys of sampling.SAMPLERS (not imported here: that loads MLX)
+# The samplers each diffusion objective takes: what upstream's app offers per model (its sampling
+# code would run any of them; the distilled rf_denoiser models are made for pingpong, and pingpong's
+# full re-noising is no solver of a base model's flow).
+OBJECTIVE_SAMPLERS = {"rf_denoiser": ("pingpong",), "rectified_flow": ("euler", "rk4", "dpmpp")}
 DTYPES = ("fp32", "fp16", "bf16")
 LOUDNESS_RANGE = (-70.0, 0.0)  # LUFS: below -70 BS.1770 gates everything out; 0 is full scale
 MAX_INPAINT_RANGES = 32
 MAX_PROMPT_CHARS = 10_000  # far beyond the 256 tokens the text encoder reads
 MAX_LORA_STRENGTH = 10.0  # past this a merged fp16 weight overflows on real checkpoints
+# The L2 norm over all of a clip's latents grows with its length (about 22 for 16 latents of the tiny
+# reference model, ~16x that at 384 s): room for every length, and finite.
+MAX_CFG_NORM_THRESHOLD = 10_000.0
+
+# Upstream's schedule shifts (``sampling_distribution_shift_options``): type -> keyword defaults.
+SHIFT_DEFAULTS = {
+    "none": {},
+    "logsnr": {"anchor_length": 2000, "anchor_logsnr": -6.2, "rate": 1.0, "logsnr_end": 2.0},
+    "flux": {"min_length": 256, "max_length": 4096, "alpha_min": 1.0, "alpha_max": 1.0},
+    "full": {"base_shift": 0.5, "max_shift": 1.15, "max_length": 4096, "min_length": 256, "use_sine": False},
+}
+# What --shift / "shift" takes: "model" (the model's own) or a type, with the parameters upstream's app
+# has sliders for, within the sliders' ranges: name -> (int or float, minimum, maximum).
+SHIFT_TYPES = ("model", *SHIFT_DEFAULTS)
+_LENGTH = ("int", 1, 10_000)
+SHIFT_PARAMETERS = {
+    "model": {},
+    "none": {},
+    "logsnr": {"anchor_length": ("int", 100, 10_000), "anchor_logsnr": ("float", -12.0, 0.0),
+               "rate": ("float", -2.0, 2.0), "logsnr_end": ("float", -2.0, 6.0)},
+    "flux": {"min_length": _LENGTH, "max_length": _LENGTH, "alpha_min": ("float", 0.1, 20.0),
+             "alpha_max": ("float", 0.1, 20.0)},
+    "full": {"base_shift": ("float", 0.0, 5.0), "max_shift": ("float", 0.0, 5.0), "min_length": _LENGTH,
+             "max_length": _LENGTH},
+}
 
 MODEL_DEFAULT = "model's default"  # a default that the model source decides (steps, cfg, sampler)
 FRONT_ENDS = ("cli", "api")
@@ -64,7 +93,9 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Field:
     """One setting. ``kind``: text, int, float, choice, bool, ranges (``[start, end]`` pairs),
-    loras (``FILE[:STRENGTH]`` specs) or audio (a path; in the API an upload or a job output)."""
+    interval (one ``[low, high]`` pair within ``[minimum, maximum]``), shift (``TYPE[:KEY=VALUE,...]``
+    text, see :data:`SHIFT_PARAMETERS`), loras (``FILE[:STRENGTH]`` specs) or audio (a path; in the API
+    an upload or a job output)."""
 
     name: str
     kind: str
@@ -138,8 +169,8 @@ FIELDS: tuple[Field, ...] = (
     Field("steps", "int", MODEL_DEFAULT, minimum=1, maximum=1000,
           help="sampling steps (default: the model's; 8 for the distilled models, 50 for the -base models)"),
     Field("sampler", "choice", MODEL_DEFAULT, choices=SAMPLERS,
-          help="default: the model's (pingpong for the distilled rf_denoiser models, euler for the "
-               "rectified_flow -base models)"),
+          help="pingpong for the distilled rf_denoiser models; euler, rk4 (4 model evaluations a step) or dpmpp "
+               "(DPM-Solver++ 2M) for the rectified_flow -base models (default: the model's; pingpong, euler)"),
     Field("seed", "int", minimum=0, maximum=MAX_SEED,
           help=f"random seed, 0 to {MAX_SEED} (random when omitted); variation i uses seed + i, "
                "wrapping past the maximum"),
@@ -148,6 +179,21 @@ FIELDS: tuple[Field, ...] = (
                "models, 7 for the -base models)"),
     Field("apg", "float", 1.0, minimum=0.0, maximum=1.0, nullable=False,
           help="adaptive projected guidance, 0 = vanilla CFG .. 1 = full projection (default 1)"),
+    Field("cfg_rescale", "float", 0.0, minimum=0.0, maximum=1.0, metavar="PHI", nullable=False,
+          help="CFG rescale (upstream scale_phi): blend PHI of the guided velocity rescaled to the conditional "
+               "one's spread over the channels; 0 = off (default)"),
+    Field("cfg_norm_threshold", "float", 0.0, minimum=0.0, maximum=MAX_CFG_NORM_THRESHOLD, metavar="NORM",
+          nullable=False, help="cap the L2 norm of each output's guidance direction (conditional minus "
+                               "unconditional denoised latents) at NORM, before APG; 0 = off (default)"),
+    Field("cfg_interval", "interval", (0.0, 1.0), minimum=0.0, maximum=1.0, metavar="LO,HI", nullable=False,
+          help="guide only at noise levels in [LO, HI]; the other steps run the conditional model alone "
+               "(default 0,1: every step)"),
+    Field("shift", "shift", "model", choices=SHIFT_TYPES, metavar="TYPE[:KEY=VALUE,...]", nullable=False,
+          max_chars=200,
+          help="the schedule's distribution shift: model (default: the model's own), none (linear), logsnr "
+               "[anchor_length, anchor_logsnr, rate, logsnr_end], flux [min_length, max_length, alpha_min, "
+               "alpha_max] or full [base_shift, max_shift, min_length, max_length], e.g. "
+               "flux:alpha_min=2,alpha_max=2 or logsnr:rate=0; parameters left out take upstream's defaults"),
     Field("headroom", "float", 0.0, minimum=0.0, maximum=60.0, metavar="SECONDS", nullable=False,
           help="sample SECONDS more latents and hide them from the attention, as upstream generate() "
                "(its default is 6); 0 = off (default)"),
@@ -258,6 +304,76 @@ def parse_range_text(field: Field, text: str) -> tuple[float, float]:
     return tuple(_parse_float_text(field, p.strip()) for p in parts)
 
 
+def parse_interval_text(field: Field, text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise _fail(field, f"expects LO,HI, e.g. 0.2,0.8 (got {text!r})")
+    return tuple(_parse_float_text(field, p.strip()) for p in parts)
+
+
+def parse_shift(field: Field, text: str) -> tuple[str, dict]:
+    """``TYPE[:KEY=VALUE,...]`` -> (type, the parameters given), every parameter checked."""
+    kind, sep, tail = text.partition(":")
+    if kind not in SHIFT_PARAMETERS:
+        raise _fail(field, f"must be one of {', '.join(SHIFT_TYPES)}, optionally with parameters, e.g. "
+                           f"flux:alpha_min=2,alpha_max=2 (got {text!r})")
+    known = SHIFT_PARAMETERS[kind]
+    params: dict = {}
+    if not sep:
+        return kind, params
+    if not known:
+        raise _fail(field, f"{kind} takes no parameters (got {text!r})")
+    for item in tail.split(","):
+        key, eq, raw = item.partition("=")
+        if not eq or not key or not raw:
+            raise _fail(field, f"{kind}: expects KEY=VALUE parameters separated by commas (got {item!r})")
+        if key not in known:
+            raise _fail(field, f"{kind} has no parameter {key!r} (its parameters: {', '.join(known)})")
+        if key in params:
+            raise _fail(field, f"{kind}: {key} is given twice")
+        number, lo, hi = known[key]
+        if number == "int":
+            try:
+                value = int(raw)
+            except ValueError:
+                raise _fail(field, f"{kind}: {key} expects a whole number (got {raw!r})") from None
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise _fail(field, f"{kind}: {key} expects a number (got {raw!r})") from None
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise _fail(field, f"{kind}: {key} must be in [{lo:g}, {hi:g}] (got {raw})")
+        params[key] = value
+    merged = {**SHIFT_DEFAULTS[kind], **params}
+    if "min_length" in merged and not merged["min_length"] < merged["max_length"]:
+        raise _fail(field, f"{kind}: min_length must be below max_length (got {merged['min_length']} and "
+                           f"{merged['max_length']})")
+    return kind, params
+
+
+def shift_text(kind: str, params: Mapping) -> str:
+    """The canonical spelling of a shift: the parameters in upstream's order, numbers as Python writes them."""
+    order = [k for k in SHIFT_PARAMETERS[kind] if k in params]
+    return kind + (":" + ",".join(f"{k}={params[k]!r}" for k in order) if order else "")
+
+
+def shift_options(text: str) -> dict | None:
+    """The schedule shift a (checked) ``shift`` setting asks for: None for ``model`` (the model's own),
+    else upstream's ``{"type": ..., **parameters}``."""
+    kind, params = parse_shift(FIELD["shift"], text)
+    return None if kind == "model" else {"type": kind, **params}
+
+
+def check_sampler(sampler: str, objective: str, model: str) -> None:
+    """Refuse a sampler that the model's diffusion objective does not take (:data:`OBJECTIVE_SAMPLERS`)."""
+    allowed = OBJECTIVE_SAMPLERS.get(objective, SAMPLERS)
+    if sampler not in allowed:
+        choices = allowed[0] if len(allowed) == 1 else ", ".join(allowed[:-1]) + " or " + allowed[-1]
+        raise SettingsError("sampler", f"{{sampler}} {sampler} does not suit {model}: {objective} models take "
+                                       f"{choices}")
+
+
 def parse_lora_spec(text: str) -> tuple[str, float]:
     """``FILE[:STRENGTH]``: the strength is the text after the last colon when it is a number."""
     head, sep, tail = text.rpartition(":")
@@ -279,6 +395,10 @@ def from_text(field: Field, text) -> Any:
         return _parse_int_text(field, text)
     if field.kind == "ranges":
         return tuple(parse_range_text(field, t) for t in text)
+    if field.kind == "interval":
+        return parse_interval_text(field, text)
+    if field.kind == "shift":
+        return check_text(field, text)  # checked and spelled canonically by validate(), as JSON's
     if field.kind == "loras":
         return tuple(check_text(field, t) for t in text)
     return text  # choice, bool: argparse gives them typed
@@ -324,6 +444,14 @@ def from_json(field: Field, value) -> Any:
                 raise _fail(field, f"ranges must be [start, end] pairs of numbers (got {item!r})")
             pairs.append(tuple(_json_number(field, x) for x in item))
         return tuple(pairs)
+    if kind == "interval":
+        if not isinstance(value, list) or len(value) != 2:
+            raise _fail(field, f"must be a [low, high] pair of numbers (got {value!r})")
+        return tuple(_json_number(field, x) for x in value)
+    if kind == "shift":
+        if not isinstance(value, str):
+            raise _fail(field, f'must be a string such as "flux:alpha_min=2" (got {type(value).__name__})')
+        return check_text(field, value)
     if kind == "audio":
         return _audio_reference(field, value)
     raise _fail(field, "is not accepted here")
@@ -386,6 +514,20 @@ def _check_value(field: Field, value, bounds: Mapping | None) -> Any:
         for start, end in value:
             if not 0 <= start < end:
                 raise _fail(field, f"range {start:g},{end:g} needs 0 <= START < END")
+    if kind == "interval":
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+            raise _fail(field, f"must be a [low, high] pair of numbers (got {value!r})")
+        for x in value:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise _fail(field, f"must be a pair of finite numbers (got {x!r})")
+        lo, hi = (float(x) for x in value)
+        if not field.minimum <= lo <= hi <= field.maximum:
+            raise _fail(field, f"{lo:g},{hi:g} needs {field.minimum:g} <= LO <= HI <= {field.maximum:g}")
+        return lo, hi
+    if kind == "shift":
+        if not isinstance(value, str):
+            raise _fail(field, f"must be a string (got {type(value).__name__})")
+        return shift_text(*parse_shift(field, check_text(field, value)))
     if kind == "loras":
         if len(value) > field.max_items:
             raise _fail(field, f"takes at most {field.max_items} adapters (got {len(value)})")
@@ -464,7 +606,7 @@ def to_metadata(s) -> dict:
         value = getattr(s, f.name)
         if f.kind == "ranges":
             value = [list(r) for r in value]
-        elif f.kind == "loras":
+        elif f.kind in ("loras", "interval"):
             value = list(value)
         out[f.name] = None if value == MODEL_DEFAULT else value
     return out
@@ -480,6 +622,8 @@ def from_metadata(meta: Mapping) -> "GenerationSettings":
         if f.kind == "ranges":
             value = tuple(tuple(float(x) for x in r) for r in value)
         elif f.kind == "loras":
+            value = tuple(value)
+        elif f.kind == "interval" and isinstance(value, list):
             value = tuple(value)
         values[f.name] = value
     if "decoder" not in meta and meta.get("codec"):  # written before the settings table
@@ -500,6 +644,8 @@ def _word(f: Field, value) -> list[str]:
         return [flag if value else "--no-" + flag[2:]]
     if f.kind == "ranges":
         return [w for start, end in value for w in (flag, f"{start!r},{end!r}")]
+    if f.kind == "interval":
+        return [flag, f"{value[0]!r},{value[1]!r}"]
     if f.kind == "loras":
         return [w for spec in value for w in (flag, spec)]
     if isinstance(value, float):
@@ -538,6 +684,10 @@ def describe(front: str, limits: Mapping[str, Mapping] | None = None) -> list[di
     return out
 
 
+# The shape of a shift (the names and the numbers' ranges are checked by parse_shift).
+_SHIFT_PATTERN = r"^(model|none|(logsnr|flux|full)(:[a-z_]+=[^,=]+(,[a-z_]+=[^,=]+)*)?)$"
+
+
 def json_schema(front: str = "api", limits: Mapping[str, Mapping] | None = None) -> dict:
     """The request schema (JSON Schema / OpenAPI 3.1) of the settings, every bound stated."""
     limits = limits or {}
@@ -563,6 +713,12 @@ def json_schema(front: str = "api", limits: Mapping[str, Mapping] | None = None)
         elif f.kind == "ranges":
             schema.update(type="array", maxItems=b.get("max_items", f.max_items), items={
                 "type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "number", "minimum": 0}})
+        elif f.kind == "interval":
+            schema.update(type="array", minItems=2, maxItems=2,
+                          items={"type": "number", "minimum": lo, "maximum": hi})
+            schema["description"] += " ([LO, HI] with LO <= HI)"
+        elif f.kind == "shift":
+            schema.update(type="string", pattern=_SHIFT_PATTERN, maxLength=f.max_chars)
         elif f.kind == "audio":
             schema["oneOf"] = [
                 {"type": "object", "required": ["upload"], "additionalProperties": False,
@@ -574,6 +730,8 @@ def json_schema(front: str = "api", limits: Mapping[str, Mapping] | None = None)
         default = f.default_for(front)
         if default == MODEL_DEFAULT:
             schema["description"] += " (null: the model's default)"
+        elif isinstance(default, tuple) and default:
+            schema["default"] = list(default)
         elif default not in (None, ()):
             schema["default"] = default
         elif default == ():

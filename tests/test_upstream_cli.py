@@ -15,7 +15,7 @@ from sa3_mlx.cli import main
 from sa3_mlx.lora import LoraError
 from sa3_mlx.models.dit import load_dit
 from sa3_mlx.models.t5gemma import load_t5gemma
-from sa3_mlx import pipeline
+from sa3_mlx import plan
 from sa3_mlx.pipeline import Pipeline
 
 
@@ -167,9 +167,11 @@ def test_configured_distribution_shift_is_used(ckpt, tmp_path, monkeypatch):
         seen.append(np.array(sigmas))
         return sigmas
 
-    monkeypatch.setattr(pipeline, "build_schedule", record)
-    pipe.generate("glass", seconds=1.0, steps=4, seed=1)
+    monkeypatch.setattr(plan, "build_schedule", record)
+    result = pipe.generate("glass", seconds=1.0, steps=4, seed=1)
     np.testing.assert_array_equal(seen[0], np.array(build_schedule(4, 1.0, shift, seq_len=11)))
+    np.testing.assert_array_equal(np.array(result.plan.sigmas, np.float32), seen[0])  # what the sampler ran
+    assert result.plan.shift == shift and result.plan.shift_is_model
 
     config["model"]["diffusion"]["sampling_distribution_shift_options"] = {"type": "flux", "alpha": 2.0}
     (folder / "model_config.json").write_text(json.dumps(config))

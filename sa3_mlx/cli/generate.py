@@ -31,6 +31,8 @@ examples:
   sa3 --prompt "techno kick" --seconds 8 --loudness -14 --format flac --out kick.flac
   sa3 --prompt "lofi beat" --model stabilityai/stable-audio-3-small-music --lora style.safetensors:0.8
   sa3 --prompt "lofi beat" --model ./stable-audio-3-small-music-base        (base model: 50 steps, cfg 7)
+  sa3 --prompt "lofi beat" --model ./stable-audio-3-small-music-base --sampler dpmpp --steps 30 \
+      --cfg-rescale 0.7 --cfg-interval 0,0.9 --shift flux:alpha_min=3,alpha_max=3
   sa3 convert stabilityai/stable-audio-3-small-music converted/            (-> official MLX files)
   sa3 download all          sa3 doctor          sa3 info output/some_file.wav
 """
@@ -139,6 +141,27 @@ def _level_text(levels: dict) -> str:
     return text
 
 
+def _guidance_text(s) -> str:
+    if s.cfg == 1:
+        return "cfg 1  (off)"
+    parts = [f"cfg {s.cfg:g}", f"apg {s.apg:g}"]
+    if s.cfg_rescale:
+        parts.append(f"rescale {s.cfg_rescale:g}")
+    if s.cfg_norm_threshold:
+        parts.append(f"norm threshold {s.cfg_norm_threshold:g}")
+    if tuple(s.cfg_interval) != (0.0, 1.0):
+        parts.append(f"at sigma {s.cfg_interval[0]:g}..{s.cfg_interval[1]:g}")
+    return "  ".join(parts)
+
+
+def _levels_text(sigmas, head: int = 4, tail: int = 2) -> str:
+    """The noise levels, the middle left out when there are many."""
+    shown = [f"{v:.3g}" for v in sigmas]
+    if len(shown) > head + tail + 1:
+        shown = shown[:head] + ["..."] + shown[-tail:]
+    return " ".join(shown)
+
+
 def _banner_rows(s, pipe, plan, paths) -> list[tuple[str, str]]:
     d = pipe.defaults
     rows = [("prompt", repr(s.prompt))]
@@ -152,7 +175,8 @@ def _banner_rows(s, pipe, plan, paths) -> list[tuple[str, str]]:
         ("length", f"{s.seconds:g} s  ({plan.latents} latents"
                    + (f", {plan.valid_latents} attended, headroom {s.headroom:g} s" if s.headroom else "")
                    + f")   steps {s.steps} ({s.sampler}; model default {d.steps})   seed {s.seed}"),
-        ("guidance", f"cfg {s.cfg:g}" + (f"  apg {s.apg:g}" if s.cfg != 1 else "  (off)")),
+        ("guidance", _guidance_text(s)),
+        ("schedule", f"{plan.shift_description}   sigmas {_levels_text(plan.sigmas)}"),
         ("noise level", f"{plan.init_noise_level:g}"),
     ]
     if s.init_audio:

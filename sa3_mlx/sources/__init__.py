@@ -24,19 +24,26 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 from ..audio import SAMPLE_RATE
+from ..settings import OBJECTIVE_SAMPLERS, SAMPLERS
 
 
 @dataclass(frozen=True)
 class ModelDefaults:
-    """A generator's recommended sampling settings."""
+    """A generator's recommended sampling settings, and its diffusion objective (which decides the
+    samplers it takes: ``settings.OBJECTIVE_SAMPLERS``)."""
 
     steps: int
     cfg: float
     sampler: str  # a key of sampling.SAMPLERS
+    objective: str = "rf_denoiser"  # rf_denoiser (distilled) or rectified_flow (base)
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return OBJECTIVE_SAMPLERS.get(self.objective, SAMPLERS)
 
 
 # The official MLX bundles hold the distilled (rf_denoiser) generators.
-DISTILLED_DEFAULTS = ModelDefaults(steps=8, cfg=1.0, sampler="pingpong")
+DISTILLED_DEFAULTS = ModelDefaults(steps=8, cfg=1.0, sampler="pingpong", objective="rf_denoiser")
 PROMPT_TOKENS = 256  # the official MLX/TensorRT runners' T5 length: 256 tokens + 1 seconds token
 
 

@@ -23,7 +23,7 @@ class ReleaseSource:
         self.codec = model.codec.name
         self.codecs = (self.codec,)
         spec = model.sampling
-        self.defaults = ModelDefaults(spec.default_steps, spec.default_cfg, spec.default_sampler)
+        self.defaults = ModelDefaults(spec.default_steps, spec.default_cfg, spec.default_sampler, spec.objective)
         self.prompt_tokens = model.text.max_length
         self.shift = spec.shift
         self.training_seconds = model.training_seconds

@@ -26,7 +26,7 @@ import numpy as np
 from .. import output
 from ..audio import FORMATS, SAMPLE_RATE, AudioError, honour_umask, read_audio
 from ..hub import WeightsUnavailable
-from ..settings import audio_reference, draw_seed
+from ..settings import MODEL_DEFAULT, SettingsError, audio_reference, check_sampler, draw_seed
 from .history import History
 from .settings import ID_PATTERN, BadRequest, Limits, api_settings
 
@@ -130,6 +130,7 @@ class Studio:
         """
         settings = settings.replace(seed=draw_seed() if settings.seed is None else settings.seed,
                                     format=output.resolve_format(settings.format, None))
+        self._check_for_model(settings)
         if settings.init_audio is not None:
             self._init_audio_path(settings.init_audio)
         job = Job(new_id(), api_settings(settings), settings)
@@ -143,6 +144,19 @@ class Studio:
             self.jobs[job.id] = job
             self.queue.put_nowait(job)  # only this lock's holder puts: there is room
         return job
+
+    def _check_for_model(self, settings) -> None:
+        """What only the model decides (its samplers), refused now rather than when the job runs.
+        Opening an official model's source reads no file."""
+        from ..sources import open_source
+
+        if settings.sampler == MODEL_DEFAULT:
+            return
+        source = open_source(settings.model_name, self.weights_dir, progress=False)
+        try:
+            check_sampler(settings.sampler, source.defaults.objective, source.name)
+        except SettingsError as e:
+            raise BadRequest(str(e)) from None
 
     def retry_after(self) -> int:
         recent = self.durations[-10:]
