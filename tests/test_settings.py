@@ -56,6 +56,14 @@ def cases():
                     (f.name, [[0.0, 0.5]] * (f.max_items + 1)), (f.name, [[0.1 * i, 0.1 * i + 0.05] for i in range(f.max_items)])]
         elif f.kind == "audio":
             out += [(f.name, None)]
+        elif f.kind == "interval":
+            out += [(f.name, [0.0, 1.0]), (f.name, [0.2, 0.2]), (f.name, [0.5, 0.2]), (f.name, [-0.1, 0.5]),
+                    (f.name, [0.0, 1.1]), (f.name, [1e300, 1e300])]
+        elif f.kind == "shift":
+            out += [(f.name, c) for c in f.choices] + [(f.name, "nonsense"), (f.name, "flux:alpha_min=2,alpha_max=2"),
+                                                      (f.name, "flux:alpha_min=1e300"), (f.name, "logsnr:bogus=1")]
+        else:
+            raise AssertionError(f"no boundary cases for the {f.kind!r} kind of {f.name!r}: add them here")
     return out
 
 
@@ -65,6 +73,8 @@ def _cli_words(name, value) -> list[str]:
         return [f.cli_flag if value else "--no-" + f.cli_flag[2:]]
     if f.kind == "ranges":
         return [w for a, b in value for w in (f.cli_flag, f"{a!r},{b!r}")]
+    if f.kind == "interval":
+        return [f.cli_flag, f"{value[0]!r},{value[1]!r}"]
     if value is None:
         return []
     return [f.cli_flag, repr(value) if isinstance(value, float) else str(value)]
