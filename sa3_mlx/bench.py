@@ -36,7 +36,7 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
     """One benchmark cell in this process; returns its measurements."""
     import mlx.core as mx
 
-    from .pipeline import Pipeline, dtype_of
+    from .pipeline import DECODING, SAMPLING, TEXT_ENCODING, Pipeline, dtype_of
     from .runtime import configure_process
     from .sources.modules import BENCH_PROMPT
 
@@ -63,10 +63,10 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
     runs.sort(key=lambda run: run[0])
     wall, result = runs[len(runs) // 2]
     stages = {s.name: s for s in result.stages}
-    sampling = stages["sampling"].seconds
+    sampling = stages[SAMPLING].seconds
     return dict(
-        model=model, seconds=seconds, steps=steps, load_s=load, text_s=stages["text encoding"].seconds,
-        sampling_s=sampling, ms_per_step=1000 * sampling / steps, decode_s=stages["decoding"].seconds,
+        model=model, seconds=seconds, steps=steps, load_s=load, text_s=stages[TEXT_ENCODING].seconds,
+        sampling_s=sampling, ms_per_step=1000 * sampling / steps, decode_s=stages[DECODING].seconds,
         wall_s=wall, realtime=seconds / wall, peak_bytes=max(s.peak_bytes for _, r in runs for s in r.stages),
         peak_rss_bytes=_peak_rss(),
         dit_dtype=pipe.dtype_name, codec_dtype=pipe.codec_dtype_name, latents=result.plan.latents, repeats=repeat,
@@ -144,6 +144,8 @@ def cold_main(args) -> int:
     """``sa3 bench --cold``: one fresh ``sa3`` process per cell."""
     from rich.console import Console
 
+    from .pipeline import DECODING, LOAD_DIT, LOAD_TEXT, SAMPLING
+
     from .runtime import configure_process
 
     configure_process()  # the header then reports what the measured processes do
@@ -186,8 +188,8 @@ def cold_main(args) -> int:
             continue
         st = r["stages"]
         table.add_row(r["model"], f"{r['seconds']:g}", f"{r['cold_wall_s']:.2f} s", f"{r['load_s']:.2f} s",
-                      f"{st.get('load text encoder', 0):.2f} s", f"{st.get('load DiT', 0):.2f} s",
-                      f"{st.get('sampling', 0):.2f} s", f"{st.get('decoding', 0):.2f} s",
+                      f"{st.get(LOAD_TEXT, 0):.2f} s", f"{st.get(LOAD_DIT, 0):.2f} s",
+                      f"{st.get(SAMPLING, 0):.2f} s", f"{st.get(DECODING, 0):.2f} s",
                       f"{r['peak_rss_bytes'] / 1024**3:.2f} GB", f"{r['peak_bytes'] / 1024**3:.2f} GB")
     console.print(table)
     return 0 if all("error" not in r for r in results) else 1

@@ -350,7 +350,7 @@ class Studio:
                 if job.cancel_requested.is_set():
                     raise JobCancelled()  # stops the run at this step (closing the generator below)
                 if isinstance(event, Step):
-                    job.update(stage="sampling", step=event.done, steps=event.total)
+                    job.update(stage=SAMPLING, step=event.done, steps=event.total)
                 elif isinstance(event, StageStarted) and event.name != SAMPLING:  # sampling shows with its steps
                     job.update(stage=event.name)
                 elif isinstance(event, Finished):
