@@ -84,7 +84,7 @@ def run_cold(model: str, seconds: float, steps: int, weights_dir: str, dit_dtype
     from .sources.modules import BENCH_PROMPT
 
     with tempfile.TemporaryDirectory(prefix="sa3-bench-") as out:
-        command = [sys.executable, "-m", "sa3_mlx.cli", "--prompt", BENCH_PROMPT, "--dit", model,
+        command = [sys.executable, "-m", "sa3_mlx", "--prompt", BENCH_PROMPT, "--dit", model,
                    "--seconds", repr(seconds), "--steps", str(steps), "--seed", "1", "--weights-dir", weights_dir,
                    "--json", "--out", str(Path(out) / "cold.wav")]
         if dit_dtype:
@@ -245,7 +245,7 @@ def main(argv: list[str]) -> int:
         spec = dict(model=model, seconds=seconds, steps=args.steps, random_weights=args.random_weights,
                     weights_dir=args.weights_dir, dit_dtype=args.dit_dtype, warmup=warmup, repeat=repeat, codec_dtype=args.codec_dtype)
         console.print(f"  running {model} {seconds:g} s ...", end="")
-        proc = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "bench", "--cell", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, "-m", "sa3_mlx", "bench", "--cell", json.dumps(spec)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             error = (proc.stderr.strip().splitlines() or ["failed"])[-1]

@@ -20,13 +20,13 @@ START_TIMEOUT_S = 90
 
 
 class StudioProcess:
-    """``python -m sa3_mlx.cli studio --port 0 ...``; the URL is read from its first line of output."""
+    """``python -m sa3_mlx studio --port 0 ...``; the URL is read from its first line of output."""
 
     def __init__(self, output_dir: Path, weights_dir: Path, *extra: str, host: str = "127.0.0.1",
                  api_key: str | None = None):
         self.api_key = api_key
         self.log = Path(output_dir).parent / f"{Path(output_dir).name}-server.log"
-        args = [sys.executable, "-m", "sa3_mlx.cli", "studio", "--host", host, "--port", "0", "--no-browser",
+        args = [sys.executable, "-m", "sa3_mlx", "studio", "--host", host, "--port", "0", "--no-browser",
                 "--output-dir", str(output_dir), "--weights-dir", str(weights_dir), *extra]
         if api_key:
             args += ["--api-key", api_key]

@@ -1,8 +1,8 @@
 """The ``sa3`` command end to end on a tiny bundle of the eight official files (random weights).
 
-Generation runs in-process through ``sa3_mlx.cli.main`` (stdout captured, so not a
+Generation runs in-process through ``sa3_mlx.commands.main`` (stdout captured, so not a
 terminal: the quiet, machine-readable mode). What needs a real process (a terminal,
-Ctrl-C, a full disk, the hub) runs ``python -m sa3_mlx.cli``.
+Ctrl-C, a full disk, the hub) runs ``python -m sa3_mlx``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import soundfile as sf
 
 from sa3_mlx import codec, hub
 from sa3_mlx.audio import SAMPLE_RATE, integrated_loudness, read_audio, read_metadata, to_db, true_peak
-from sa3_mlx.cli import main
+from sa3_mlx.commands import main
 from sa3_mlx.cli.generate import build_parser
 from sa3_mlx.cli.picker import pick
 from sa3_mlx.pipeline import Pipeline
@@ -380,14 +380,14 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def run_in_terminal(args: list, cwd: Path, interrupt_when: str | None = None, timeout: float = 120):
-    """Run ``python -m sa3_mlx.cli ARGS`` with a pseudo-terminal as stdout and stderr.
+    """Run ``python -m sa3_mlx ARGS`` with a pseudo-terminal as stdout and stderr.
 
     With ``interrupt_when``, SIGINT is sent once that text has been printed.
     Returns (exit code, everything printed, colour codes removed).
     """
     master, slave = pty.openpty()
     env = dict(os.environ, COLUMNS="120", TERM="xterm")
-    proc = subprocess.Popen([sys.executable, "-m", "sa3_mlx.cli", *map(str, args)], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "sa3_mlx", *map(str, args)], cwd=cwd, env=env,
                             stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
     os.close(slave)
     printed, deadline, interrupted = b"", time.monotonic() + timeout, False
@@ -443,7 +443,7 @@ def test_full_disk_is_one_error_and_leaves_nothing(bundle, work):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    proc = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "--prompt", "x", "--dit", "sm-music",
+    proc = subprocess.run([sys.executable, "-m", "sa3_mlx", "--prompt", "x", "--dit", "sm-music",
                            "--seconds", "2", "--steps", "2", "--seed", "1", "--weights-dir", str(bundle)],
                           cwd=work, preexec_fn=small_file_limit, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -589,9 +589,9 @@ def test_download_fetches_a_models_files_into_the_cache(bundle, tmp_path):
     with HubStandIn(hub.REPO_ID, files) as standin:
         env.update(HF_ENDPOINT=standin.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_DISABLE_XET="1",
                    HF_HUB_DISABLE_TELEMETRY="1")
-        proc = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "download", "sm-music"], env=env,
+        proc = subprocess.run([sys.executable, "-m", "sa3_mlx", "download", "sm-music"], env=env,
                               capture_output=True, text=True, timeout=120)
-        bad = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "download", "large"], env=env,
+        bad = subprocess.run([sys.executable, "-m", "sa3_mlx", "download", "large"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     paths = [Path(line) for line in proc.stdout.splitlines()]

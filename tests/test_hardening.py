@@ -124,7 +124,7 @@ def test_outputs_honour_the_umask(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_cli_stops_cleanly_on_sigterm_and_sighup(bundle, tmp_path, signum):  # noqa: F811
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sa3_mlx.cli", "--prompt", "long", "--dit", "sm-music", "--seconds", "60",
+        [sys.executable, "-m", "sa3_mlx", "--prompt", "long", "--dit", "sm-music", "--seconds", "60",
          "--steps", "1000", "--seed", "1", "--weights-dir", str(bundle)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)))
     time.sleep(4)  # loading done, sampling under way
@@ -202,7 +202,7 @@ def test_uploads_have_a_lifetime_and_a_budget(tmp_path):
 
 
 def run_studio(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "studio", "--no-browser", *args],
+    return subprocess.run([sys.executable, "-m", "sa3_mlx", "studio", "--no-browser", *args],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
@@ -313,6 +313,6 @@ def test_a_non_utf8_model_config_names_the_file(tmp_path):
 
 
 def test_bench_bad_flag_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "bench", "--bogus"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "sa3_mlx", "bench", "--bogus"], capture_output=True,
                           text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in one_error_line(proc.stderr)

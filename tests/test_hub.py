@@ -91,7 +91,7 @@ def test_original_release_downloads_with_snapshot_and_runs_offline(golden, tmp_p
         files[f"t5gemma-b-b-ul2/{path.name}"] = path.read_bytes()
     repo = "stabilityai/stable-audio-3-small-music"
     cache = tmp_path / "cache"
-    cli = [sys.executable, "-m", "sa3_mlx.cli", "--model", repo, "--prompt", "lofi", "--seconds", "1", "--seed", "3",
+    cli = [sys.executable, "-m", "sa3_mlx", "--model", repo, "--prompt", "lofi", "--seconds", "1", "--seed", "3",
            "--overwrite"]
 
     def run(out: str, **env):

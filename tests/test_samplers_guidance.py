@@ -18,7 +18,7 @@ from sa3_mlx import settings as table
 from sa3_mlx import upstream
 from sa3_mlx.arguments import UsageError
 from sa3_mlx.audio import read_metadata
-from sa3_mlx.cli import main
+from sa3_mlx.commands import main
 from sa3_mlx.cli.generate import _banner_rows, build_parser, parse_settings
 from sa3_mlx.denoiser import Denoiser
 from sa3_mlx.pipeline import Pipeline

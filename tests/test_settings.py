@@ -186,6 +186,12 @@ def test_import_rules_of_the_package():
     assert tool.is_file(), f"{tool} missing (the shared folder beside the checkout)"
     proc = subprocess.run([sys.executable, str(tool), str(REPO)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    import ast
+
+    for path in (REPO / "sa3_mlx" / "cli").rglob("*.py"):  # nor the CLI the studio (commands.py routes)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "studio" not in (node.module or ""), f"{path} imports the studio"
 
 
 def test_importing_the_package_changes_no_process_setting():

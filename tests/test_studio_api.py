@@ -288,11 +288,11 @@ def test_full_queue_answers_429_with_retry_after(bundle, tmp_path):
 
 
 def test_off_loopback_needs_an_api_key_checked_on_every_request(bundle, tmp_path):
-    refused = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "studio", "--host", "0.0.0.0", "--no-browser",
+    refused = subprocess.run([sys.executable, "-m", "sa3_mlx", "studio", "--host", "0.0.0.0", "--no-browser",
                               "--weights-dir", str(bundle), "--output-dir", str(tmp_path / "x")],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "pass --api-key" in refused.stderr
-    weak = subprocess.run([sys.executable, "-m", "sa3_mlx.cli", "studio", "--api-key", "a;b"], cwd=REPO,
+    weak = subprocess.run([sys.executable, "-m", "sa3_mlx", "studio", "--api-key", "a;b"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert weak.returncode == 2 and "--api-key must be at least 8 letters" in weak.stderr
     studio = StudioProcess(tmp_path / "out", bundle, host="0.0.0.0", api_key="s3cret-key")

@@ -11,7 +11,7 @@ import pytest
 
 from sa3_mlx import convert, upstream
 from sa3_mlx.audio import read_metadata
-from sa3_mlx.cli import main
+from sa3_mlx.commands import main
 from sa3_mlx.lora import LoraError
 from sa3_mlx.models.dit import load_dit
 from sa3_mlx.models.t5gemma import load_t5gemma

@@ -133,7 +133,7 @@ def run(argv: list[str]) -> int:
     threading.Thread(target=announce, daemon=True).start()
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # Ctrl-C, SIGTERM and SIGHUP (see cli.stop_on_signals): a clean stop
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM and SIGHUP (see commands.stop_on_signals): a clean stop
         pass  # uvicorn re-raises the signal after its graceful shutdown
     finally:
         studio.close()
