@@ -43,54 +43,6 @@ SAMPLES_PER_LATENT = codec.SAMPLES_PER_LATENT
 DECODER_REACH = 4
 
 
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory) -> Path:
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
-
-
-@pytest.fixture
-def work(tmp_path, monkeypatch) -> Path:
-    """Each test runs in its own folder, so relative outputs land in ``work/output``."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def sa3(work, capsys):
-    """``sa3 ARGS`` in-process: (exit code, stdout, stderr)."""
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
-@pytest.fixture
-def generate(sa3, bundle):
-    """``sa3 ARGS --weights-dir BUNDLE`` with short, fast defaults unless ARGS give their own."""
-
-    def run(*args):
-        defaults = {"--dit": "sm-music", "--seconds": "1.5", "--steps": "2", "--seed": "1"}
-        extra = [x for flag, value in defaults.items() if flag not in args for x in (flag, value)]
-        return sa3(*args, *extra, "--weights-dir", bundle)
-
-    return run
-
-
-@pytest.fixture
-def init_wav(work):
-    """Write a test tone file: ``init_wav(seconds, rate=44100, channels=2)``."""
-
-    def make(seconds: float, rate: int = SAMPLE_RATE, channels: int = 2, name: str = "init.wav") -> Path:
-        t = np.arange(int(round(seconds * rate))) / rate
-        data = np.stack([0.4 * np.sin(2 * np.pi * 220 * t), 0.3 * np.sin(2 * np.pi * 331 * t)], axis=1)
-        path = work / name
-        sf.write(path, data[:, :channels], rate, subtype="PCM_24")
-        return path
-
-    return make
 
 
 def read(path) -> np.ndarray:

@@ -22,7 +22,7 @@ from sa3_mlx.settings import validate
 from sa3_mlx.studio.jobs import StorageError, Studio
 from sa3_mlx.studio.settings import Limits
 from tests.studio_server import StudioProcess
-from tests.test_cli import bundle, generate, one_error_line, sa3, work  # noqa: F401  (fixtures)
+from tests.test_cli import one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_a_long_file_is_read_only_as_far_as_any_model_goes(tmp_path):
     assert audio.shape == (2, int(audio_module.MAX_READ_SECONDS * SAMPLE_RATE))
 
 
-def test_the_studio_refuses_an_upload_bomb_at_once(tmp_path, bundle):  # noqa: F811
+def test_the_studio_refuses_an_upload_bomb_at_once(tmp_path, bundle):
     server = StudioProcess(tmp_path / "out", bundle)
     try:
         data = header_claiming(tmp_path / "bomb.wav", rate=1).read_bytes()
@@ -63,7 +63,7 @@ def test_the_studio_refuses_an_upload_bomb_at_once(tmp_path, bundle):  # noqa: F
         server.stop()
 
 
-def test_init_audio_bomb_on_the_command_line(generate, work):  # noqa: F811
+def test_init_audio_bomb_on_the_command_line(generate, work):
     header_claiming(work / "bomb.wav", rate=1)
     code, _, err = generate("--prompt", "x", "--init-audio", "bomb.wav")
     assert code == 2 and "sample rate 1 Hz" in one_error_line(err)
@@ -122,7 +122,7 @@ def test_outputs_honour_the_umask(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_cli_stops_cleanly_on_sigterm_and_sighup(bundle, tmp_path, signum):  # noqa: F811
+def test_cli_stops_cleanly_on_sigterm_and_sighup(bundle, tmp_path, signum):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sa3_mlx", "--prompt", "long", "--dit", "sm-music", "--seconds", "60",
          "--steps", "1000", "--seed", "1", "--weights-dir", str(bundle)],
@@ -136,7 +136,7 @@ def test_cli_stops_cleanly_on_sigterm_and_sighup(bundle, tmp_path, signum):  # n
     assert not output.exists() or not any(output.rglob("*"))
 
 
-def test_studio_stops_cleanly_on_sigterm_and_records_its_jobs(tmp_path, bundle):  # noqa: F811
+def test_studio_stops_cleanly_on_sigterm_and_records_its_jobs(tmp_path, bundle):
     server = StudioProcess(tmp_path / "out", bundle)
     running = server.submit(prompt="long", seconds=30, steps=500)
     queued = server.submit(prompt="next", seconds=1, steps=1)
@@ -154,7 +154,7 @@ def test_studio_stops_cleanly_on_sigterm_and_records_its_jobs(tmp_path, bundle):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, bundle):  # noqa: F811
+def server(tmp_path_factory, bundle):
     studio = StudioProcess(tmp_path_factory.mktemp("hardening") / "out", bundle, "--upload-budget-mb", "64")
     yield studio
     studio.stop()
@@ -222,7 +222,7 @@ def test_studio_start_up_errors_are_one_line(tmp_path):
         busy.close()
 
 
-def test_every_loopback_address_is_served_as_loopback(tmp_path, bundle):  # noqa: F811
+def test_every_loopback_address_is_served_as_loopback(tmp_path, bundle):
     server = StudioProcess(tmp_path / "out", bundle, host="127.0.0.2")
     try:
         assert server.url.startswith("http://127.0.0.2:")
@@ -235,7 +235,7 @@ def test_every_loopback_address_is_served_as_loopback(tmp_path, bundle):  # noqa
 # ---- 6. sa3 info trusts no file ------------------------------------------------------------
 
 
-def test_info_on_hostile_metadata(sa3, work):  # noqa: F811
+def test_info_on_hostile_metadata(sa3, work):
     path = work / "list.wav"
     sf.write(path, np.zeros((100, 2)), SAMPLE_RATE)
     with sf.SoundFile(path, "r+") as f:
@@ -253,7 +253,7 @@ def test_info_on_hostile_metadata(sa3, work):  # noqa: F811
 # ---- 7. --out does the obvious thing or says no --------------------------------------------
 
 
-def test_out_folder_device_and_unknown_suffix(generate, work):  # noqa: F811
+def test_out_folder_device_and_unknown_suffix(generate, work):
     (work / "renders").mkdir()
     code, out, err = generate("--prompt", "drum", "--out", str(work / "renders"))
     assert code == 0, err
@@ -268,7 +268,7 @@ def test_out_folder_device_and_unknown_suffix(generate, work):  # noqa: F811
 # ---- 8. errors that name their cause ---------------------------------------------------------
 
 
-def test_lora_spec_errors_name_the_cause(generate, work):  # noqa: F811
+def test_lora_spec_errors_name_the_cause(generate, work):
     (work / "style.safetensors").write_bytes(b"x")
     (work / "adapters").mkdir()
     for spec, words in (("style.safetensors:abc", "must be a number (got 'abc')"),
@@ -279,7 +279,7 @@ def test_lora_spec_errors_name_the_cause(generate, work):  # noqa: F811
         assert code == 2 and words in one_error_line(err), (spec, err)
 
 
-def test_integer_tensors_in_a_weight_file_are_named(tmp_path, bundle):  # noqa: F811
+def test_integer_tensors_in_a_weight_file_are_named(tmp_path, bundle):
     from sa3_mlx.models.dit import load_dit
     from sa3_mlx.weights import WeightError
 
@@ -290,7 +290,7 @@ def test_integer_tensors_in_a_weight_file_are_named(tmp_path, bundle):  # noqa: 
         load_dit(tmp_path / "dit_sm-music_f16.npz")
 
 
-def test_nan_weights_are_named_not_a_writer_error(sa3, work, bundle):  # noqa: F811
+def test_nan_weights_are_named_not_a_writer_error(sa3, work, bundle):
     folder = work / "weights"
     folder.mkdir()
     for f in bundle.iterdir():

@@ -27,11 +27,6 @@ SLOW = dict(seconds=60, steps=100)  # several seconds: long enough to watch, can
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
-
-
-@pytest.fixture(scope="module")
 def weights(bundle, tmp_path_factory) -> Path:
     """The bundle, but with the medium DiT file cut short: a job asking for it fails while loading."""
     folder = tmp_path_factory.mktemp("weights")
