@@ -316,3 +316,22 @@ def test_bench_bad_flag_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "sa3_mlx", "bench", "--bogus"], capture_output=True,
                           text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in one_error_line(proc.stderr)
+
+
+# ---- the fast BLAS does not depend on import order ----------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS choice is a Linux CPU matter")
+def test_fast_blas_even_when_mlx_is_imported_first():
+    """install.sh writes the .pth preload: a script importing mlx before sa3_mlx still gets the fast BLAS."""
+    code = "import mlx.core; import sa3_mlx.backend as b; print(b.blas_status()[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+    assert out not in ("", "None"), "the preload did not load a BLAS (run ./install.sh, or python -m sa3_mlx.preload)"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS choice is a Linux CPU matter")
+def test_a_late_blas_choice_warns_once_with_the_fix():
+    code = ("import mlx.core; import sa3_mlx.backend as b; b._loaded = None; b._warned = False; "
+            "b.load_fast_blas(); b.load_fast_blas()")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    assert err.count("WARNING: mlx was imported before sa3_mlx") == 1 and "python -m sa3_mlx.preload" in err
