@@ -362,6 +362,8 @@ SAMPLERS = dict(zip(SAMPLER_NAMES, (sample_pingpong, sample_euler, sample_rk4, s
 def paste_back(latents: mx.array, init_latents: mx.array, keep_mask: mx.array) -> mx.array:
     """Put the kept latents back exactly (``keep_mask`` 1 = keep, broadcast over channels).
 
-    ``mx.where`` rather than a blend, so kept positions are bit-identical to the init.
+    ``mx.where`` rather than a blend, so kept positions are bit-identical to the init; the result is in
+    the wider of the two dtypes, so a half-precision DiT (GPUs) does not round the kept fp32 latents.
     """
-    return mx.where(keep_mask.astype(mx.bool_), init_latents.astype(latents.dtype), latents)
+    dtype = max(latents.dtype, init_latents.dtype, key=lambda d: d.size)
+    return mx.where(keep_mask.astype(mx.bool_), init_latents.astype(dtype), latents.astype(dtype))

@@ -76,7 +76,8 @@ def test_text_to_audio_file_metadata_and_info(generate, sa3, work):
     meta = read_metadata(path)
     expected = dict(model="sm-music", decoder="same-s", prompt="lofi house loop", negative_prompt=None, seconds=2.0,
                     steps=3, seed=7, cfg=1.0, apg=1.0, mode="text-to-audio", init_noise_level=1.0, inpaint=[],
-                    num_outputs=1, format="wav16", loudness=None, init_audio=None, dit_dtype="fp32")
+                    num_outputs=1, format="wav16", loudness=None, init_audio=None,
+                    dit_dtype="fp32" if mx.default_device() == mx.cpu else "fp16")  # each device's default
     assert {k: meta[k] for k in expected} == expected
     code, out, err = sa3("info", path, "--json")
     assert code == 0 and json.loads(out) == meta
@@ -169,13 +170,16 @@ def test_inpainting_and_continuation_keep_the_audio_outside(
     assert keep.any() and not keep.all()
     padded = np.zeros((2, n * SAMPLES_PER_LATENT), np.float32)
     padded[:, : min(audio.shape[1], padded.shape[1])] = audio[:, : padded.shape[1]]
-    init_latents = np.array(codec.encode(pipe.encoder, mx.array(padded[None])))[..., :n]
+    # The encoder at the pipeline's codec precision (fp16 for SAME-L on a GPU), as the pipeline runs it.
+    init_latents = np.array(codec.encode(pipe.encoder, mx.array(padded[None]).astype(pipe.codec_dtype))
+                            .astype(mx.float32))[..., :n]
     np.testing.assert_array_equal(result.latents[0][:, keep], init_latents[0][:, keep])
     assert np.abs(result.latents[0][:, ~keep] - init_latents[0][:, ~keep]).max() > 1e-2
 
     # In the audio: away from the regenerated latents (more than the decoder's reach), the output
     # is the decode of the init latents; inside them it is new.
-    decoded = np.array(codec.unpatchify(codec.decode(pipe.decoder, mx.array(init_latents))))[0, :, : output.shape[1]]
+    decoded = np.array(codec.unpatchify(codec.decode(pipe.decoder, mx.array(init_latents).astype(pipe.codec_dtype)))
+                       .astype(mx.float32))[0, :, : output.shape[1]]
     regenerated = np.flatnonzero(~keep)
     distance = np.abs(np.arange(n)[:, None] - regenerated[None, :]).min(axis=1)
     far = np.repeat(distance > DECODER_REACH, SAMPLES_PER_LATENT)[: output.shape[1]]
