@@ -216,8 +216,9 @@ class Pipeline:
             if self._lora_base is None:
                 self._lora_base = self.source.dit_weights()
             weights = self.loras.apply(self._lora_base)
-        dit, conditioner = self.source.load_dit(self.dit_dtype, weights)
-        self.kernels.prepare(dit)  # this device's weight layout (CPU fp32: stored for plain BLAS products)
+        with kernels.use(self.kernels):  # the loader lays the weights out for this backend as it reads them
+            dit, conditioner = self.source.load_dit(self.dit_dtype, weights)
+        self.kernels.prepare(dit)  # modules built in memory (random weights) get the same layout here
         self._dit, self._conditioner = dit, conditioner
         self._denoiser = Denoiser(dit, self.compile_steps)
         self._check_widths()

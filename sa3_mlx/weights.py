@@ -191,6 +191,7 @@ def load_strict(
     file: str,
     dtype: mx.Dtype = mx.float32,
     keep_dtype: Iterable[str] = (),
+    linear_layout=None,
 ) -> None:
     """Copy ``weights`` into ``module``: every parameter present, every key used, shapes equal.
 
@@ -219,9 +220,17 @@ def load_strict(
         raise WeightError(f"{file}: " + "; ".join(problems[:6]) + tail)
 
     keep = set(keep_dtype)
+    # nn.Linear weights a backend wants stored another way (see kernels.Kernels.linear_weight_layout).
+    relayout = set()
+    if linear_layout is not None:
+        relayout = {f"{name}.weight" if name else "weight" for name, m in module.named_modules()
+                    if isinstance(m, nn.Linear)}
     loaded = []
     for k in provided:
         arr = weights[k]
+        transposed = k in relayout and not isinstance(arr, mx.array)
+        if transposed:
+            arr = linear_layout(np.asarray(arr))
         a = mx.array(arr) if not isinstance(arr, mx.array) else arr
         if not mx.issubdtype(a.dtype, mx.floating):  # every parameter of these models is floating point
             kind = str(a.dtype).rsplit(".", 1)[-1]
@@ -230,6 +239,8 @@ def load_strict(
         if k not in keep:
             a = a.astype(dtype)
         mx.eval(a)
-        loaded.append((k, a))
+        loaded.append((k, a.T if transposed else a))
         del arr, a
     module.update(tree_unflatten(loaded))
+    if relayout:
+        module.linear_weights_transposed = True

@@ -444,3 +444,23 @@ def test_use_is_per_thread():
         done.wait()
         thread.join()
     assert seen == {"start": default, "inside": REF, "main": CPU}
+
+
+def test_the_cpu_layout_is_applied_while_loading_with_the_same_values(golden):
+    """Under the CPU backend, load_dit stores fp32 Linear weights transposed as it reads them (no second
+    full-size copy); values are those of a plain load, and prepare() then leaves the module alone."""
+    from mlx.utils import tree_flatten
+
+    from sa3_mlx.models.dit import load_dit
+
+    path = golden / "dit_sm_tiny_f16.npz"
+    with kernels.use("mlx"):
+        plain, _, _ = load_dit(path, dtype=mx.float32)
+    with kernels.use("cpu"):
+        laid_out, _, _ = load_dit(path, dtype=mx.float32)
+    assert laid_out.linear_weights_transposed and not getattr(plain, "linear_weights_transposed", False)
+    a, b = dict(tree_flatten(plain.parameters())), dict(tree_flatten(laid_out.parameters()))
+    assert a.keys() == b.keys() and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+    before = laid_out.transformer.layers[0].ff.ff[2].weight
+    kernels.by_name("cpu").prepare(laid_out)
+    assert laid_out.transformer.layers[0].ff.ff[2].weight is before

@@ -93,6 +93,12 @@ class Kernels:
         """Lay out ``module``'s weights for this backend, in place (values and shapes unchanged).
         The reference keeps them as loaded."""
 
+    def linear_weight_layout(self, dtype: mx.Dtype):
+        """What a loader should do to each ``nn.Linear`` weight it reads as ``dtype`` (a numpy array ->
+        the array to store, transposed), so that :meth:`prepare` has nothing left to do and no second
+        full-size copy is made; None (the reference) stores weights as they are."""
+        return None
+
     def chunks_per_group(self, chunks: int, chunk_tokens: int) -> int:
         """How many independent SAME-S chunks (of ``chunk_tokens`` tokens) go through the
         blocks together: all of them, or ``chunk_group_tokens`` worth when set."""

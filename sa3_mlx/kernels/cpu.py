@@ -69,8 +69,15 @@ class CPUKernels(Kernels):
 
     def prepare(self, module: nn.Module) -> None:
         """fp32 ``nn.Linear`` weights stored for plain BLAS products
-        (:func:`store_linear_weights_transposed`); anything else as loaded."""
-        store_linear_weights_transposed(module)
+        (:func:`store_linear_weights_transposed`); anything else as loaded. A module whose loader
+        applied :meth:`linear_weight_layout` already is left as it is."""
+        if not getattr(module, "linear_weights_transposed", False):
+            store_linear_weights_transposed(module)
+
+    def linear_weight_layout(self, dtype: mx.Dtype):
+        """fp32 targets: transpose the stored (half-precision) weight before it is cast, which moves
+        half the bytes and needs no second fp32 copy (the layout :meth:`prepare` gives otherwise)."""
+        return _transposed if dtype == mx.float32 else None
 
     # ------------------------------------------------------------ element-wise
 
@@ -227,6 +234,7 @@ def store_linear_weights_transposed(module: nn.Module) -> None:
     for _, layer in module.named_modules():
         if isinstance(layer, nn.Linear) and layer.weight.dtype == mx.float32:
             layer.weight = mx.array(_transposed(np.asarray(layer.weight))).T
+    module.linear_weights_transposed = True
 
 
 _TRANSPOSE_ROWS = 256  # rows per block: a block's source rows and destination columns stay in the caches

@@ -399,6 +399,7 @@ def load_dit(
     config = DiTConfig.from_weights(weights, file)
     dit_weights, cond_weights = sanitize(weights)
     model = DiT(config)
-    load_strict(model, dit_weights, file, dtype=dtype)
+    # The active backend's layout is applied while reading (CPU fp32: transposed for plain BLAS products).
+    load_strict(model, dit_weights, file, dtype=dtype, linear_layout=kernels.active().linear_weight_layout(dtype))
     model.eval()
     return model, config, cond_weights
