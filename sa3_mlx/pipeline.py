@@ -366,11 +366,11 @@ class Pipeline:
         yield from self._load_stage(LOAD_TEXT, "text")
 
         def encode_text():
-            embeds, mask = self.encode_text(s.prompt, s.negative_prompt, guidance)
-            mx.eval(embeds, mask)
-            return embeds, mask
+            embeds, mask, weights = self.encode_text(s.prompt, s.negative_prompt, guidance)
+            mx.eval(embeds, mask, *([] if weights is None else [weights]))
+            return embeds, mask, weights
 
-        embeds, mask = yield from self._stage(TEXT_ENCODING, encode_text)
+        embeds, mask, weights = yield from self._stage(TEXT_ENCODING, encode_text)
         if s.free_models:
             self.free("text")
         yield from self._load_stage(LOAD_DIT, "dit")
@@ -393,7 +393,7 @@ class Pipeline:
         yield StageStarted(SAMPLING)
         t0 = time.perf_counter()
         cross, global_cond, uncond = self.build_conditioning(embeds, mask, s.seconds, guidance,
-                                                             s.negative_prompt is not None)
+                                                             s.negative_prompt is not None, weights)
         noise, step_noise = self.draw_noise([s.variation_seed(i) for i in range(s.num_outputs)], n_lat)
         local_cond = keep = None
         if init_latents is not None and plan.inpaint:
@@ -483,23 +483,28 @@ class Pipeline:
         self, prompt: str, negative_prompt: str | None, seconds: float, guidance: Guidance
     ) -> tuple[mx.array, mx.array, mx.array | None]:
         """``(cross_attn_cond [1,S+1,C], global_cond [1,C], uncond_cross_attn or None)``."""
-        embeds, mask = self.encode_text(prompt, negative_prompt, guidance)
-        return self.build_conditioning(embeds, mask, seconds, guidance, negative_prompt is not None)
+        embeds, mask, weights = self.encode_text(prompt, negative_prompt, guidance)
+        return self.build_conditioning(embeds, mask, seconds, guidance, negative_prompt is not None, weights)
 
-    def encode_text(self, prompt: str, negative_prompt: str | None, guidance: Guidance) -> tuple[mx.array, mx.array]:
-        """T5Gemma embeddings and mask of the prompt (and the negative prompt when guidance uses it)."""
+    def encode_text(self, prompt: str, negative_prompt: str | None,
+                    guidance: Guidance) -> tuple[mx.array, mx.array, mx.array | None]:
+        """T5Gemma embeddings, mask and prompt-weighting weights (None: no weights) of the prompt (and
+        the negative prompt when guidance uses it)."""
         prompts = [prompt] + ([negative_prompt] if guidance.enabled and negative_prompt is not None else [])
-        return self.text.encode(prompts)
+        return self.text.encode_weighted(prompts)
 
     def build_conditioning(self, embeds: mx.array, mask: mx.array, seconds: float, guidance: Guidance,
-                           negative: bool) -> tuple[mx.array, mx.array, mx.array | None]:
+                           negative: bool, weights: mx.array | None = None
+                           ) -> tuple[mx.array, mx.array, mx.array | None]:
         """The DiT's inputs from :meth:`encode_text`'s output (the conditioner is part of the DiT file)."""
-        cross, global_cond = self.conditioner.build(embeds[:1], mask[:1], [seconds])
+        pick = (lambda rows: None) if weights is None else (lambda rows: weights[rows])
+        cross, global_cond = self.conditioner.build(embeds[:1], mask[:1], [seconds], weights=pick(slice(0, 1)))
         uncond = None
         if guidance.enabled:
             if negative:
                 # Upstream zeroes the negative prompt's pad positions (not the learned embedding).
-                uncond, _ = self.conditioner.build(embeds[1:], mask[1:], [seconds], padding="zeros")
+                uncond, _ = self.conditioner.build(embeds[1:], mask[1:], [seconds], padding="zeros",
+                                                   weights=pick(slice(1, None)))
             else:
                 uncond = mx.zeros_like(cross)  # upstream's null condition: every token zero
         return cross, global_cond, uncond

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import hub
+from . import hub, prompt_weights
 from .audio import FORMATS, MIN_LOUDNESS_SECONDS
 
 MAX_SECONDS = 384.0  # the seconds conditioner's range; beyond it the duration embedding saturates
@@ -115,6 +115,7 @@ class Field:
     max_items: int | None = None
     max_chars: int | None = None
     nullable: bool = True  # None (JSON null) means "the default"
+    weighted: bool = False  # text that may hold (phrase:weight) groups (sa3_mlx.prompt_weights)
 
     @property
     def cli_flag(self) -> str:
@@ -140,9 +141,12 @@ class Field:
 
 FIELDS: tuple[Field, ...] = (
     Field("prompt", "text", required=True, group="what to generate", max_chars=MAX_PROMPT_CHARS, nullable=False,
-          help='what to generate ("" = unconditional; asked for on the command line when omitted)'),
-    Field("negative_prompt", "text", group="what to generate", max_chars=MAX_PROMPT_CHARS,
-          help="what to steer away from (used when cfg is not 1)"),
+          weighted=True,
+          help='what to generate ("" = unconditional; asked for on the command line when omitted); '
+               '(phrase:W) weights a phrase, W in [-10, 10] (1 = as written, 0 = empty, >1 = stronger); '
+               r'\( and \) are literal parentheses'),
+    Field("negative_prompt", "text", group="what to generate", max_chars=MAX_PROMPT_CHARS, weighted=True,
+          help="what to steer away from (used when cfg is not 1); takes (phrase:W) weights as the prompt"),
     Field("seconds", "float", 30.0, minimum=0.0, maximum=MAX_SECONDS, exclusive_minimum=True,
           group="what to generate", nullable=False, help=f"length in seconds (default 30, at most {MAX_SECONDS:g})"),
     Field("num_outputs", "int", 1, minimum=1, maximum=16, metavar="N", group="what to generate", nullable=False,
@@ -266,6 +270,11 @@ def check_text(field: Field, value: str) -> str:
         raise _fail(field, "is not valid UTF-8 text") from None
     if field.max_chars is not None and len(value) > field.max_chars:
         raise _fail(field, f"is {len(value)} characters; at most {field.max_chars} are accepted")
+    if field.weighted:
+        try:
+            prompt_weights.parse(value)
+        except prompt_weights.PromptSyntaxError as e:
+            raise _fail(field, str(e)) from None
     return value
 
 
