@@ -1,4 +1,5 @@
-"""Reading and writing audio files, and loudness: any format soundfile reads in, WAV/FLAC out.
+"""Reading and writing audio files, and loudness: any format soundfile reads in; WAV, FLAC, MP3, OGG/Vorbis and
+Opus out (the lossy ones where the local libsndfile encodes them: MP3 needs libsndfile 1.1 or later).
 
 Input is decoded by libsndfile (WAV of any bit depth, float, FLAC, OGG/Vorbis,
 Opus, AIFF, ...) and resampled to 44.1 kHz with soxr; no ffmpeg process. Output is
@@ -32,7 +33,20 @@ FORMATS = {
     "wav24": ("WAV", "PCM_24", ".wav"),
     "wav32f": ("WAV", "FLOAT", ".wav"),
     "flac": ("FLAC", "PCM_24", ".flac"),
+    "mp3": ("MP3", "MPEG_LAYER_III", ".mp3"),
+    "ogg": ("OGG", "VORBIS", ".ogg"),
+    "opus": ("OGG", "OPUS", ".opus"),
 }
+# The lossy formats' encoder settings: MP3 at a constant 320 kbps, Vorbis and Opus at their best VBR quality.
+LOSSY = {
+    "mp3": {"compression_level": 0.0, "bitrate_mode": "CONSTANT"},
+    "ogg": {"compression_level": 0.0},
+    "opus": {"compression_level": 0.0},
+}
+# Formats that cannot hold 44.1 kHz: the audio is resampled (soxr) to this rate when written; reading resamples back.
+FORMAT_RATES = {"opus": 48000}
+# Formats whose tags libsndfile writes as Latin-1 (MP3's ID3v2 frames): their metadata JSON is kept ASCII.
+ASCII_TAGS = {"mp3"}
 
 TRUE_PEAK_CEILING_DB = -1.0  # the usual streaming ceiling (EBU R128 / AES TD1004)
 TRUE_PEAK_OVERSAMPLING = 4  # BS.1770-4 Annex 2
@@ -224,30 +238,54 @@ def check_writable(path: str | Path) -> None:
         raise AudioError(f"{path}: cannot write there ({e.strerror or e}); choose another --out") from None
 
 
+def format_problem(fmt: str) -> str | None:
+    """Why the local libsndfile cannot write ``fmt`` (None when it can)."""
+    import soundfile as sf
+
+    container, subtype, _ = FORMATS[fmt]
+    if container in sf.available_formats() and subtype in sf.available_subtypes(container):
+        return None
+    need = " (MPEG Layer III needs libsndfile 1.1 or later)" if fmt == "mp3" else ""
+    return (f"{fmt} output needs a libsndfile that encodes {container}/{subtype}; this one "
+            f"({sf.__libsndfile_version__}) does not{need}: choose another format, e.g. flac")
+
+
 def encode_audio(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, fmt: str = "wav16", metadata: dict | None = None) -> bytes:
     """The bytes of a ``fmt`` file holding ``[channels, samples]`` float audio and ``metadata``.
 
-    Integer formats clip at full scale (the caller reports the peak beforehand);
+    Integer and lossy formats clip at full scale (the caller reports the peak beforehand);
     ``wav32f`` keeps values beyond it. ``metadata`` is stored as JSON in the
-    file's comment tag, so ``read_metadata`` gives the settings back.
+    file's comment tag (for MP3 the ID3v2 COMM frame, ASCII JSON), so ``read_metadata``
+    gives the settings back. Opus is written at 48 kHz (:data:`FORMAT_RATES`).
     """
     import soundfile as sf
 
     if fmt not in FORMATS:
         raise AudioError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    problem = format_problem(fmt)
+    if problem:
+        raise AudioError(problem)
     container, subtype, _ = FORMATS[fmt]
     if not np.isfinite(audio).all():
         raise AudioError("refusing to write audio with NaN or infinite samples")
     data = np.asarray(audio, dtype=np.float32).T
+    rate = FORMAT_RATES.get(fmt, sample_rate)
+    if rate != sample_rate:
+        import soxr
+
+        data = soxr.resample(data, sample_rate, rate, quality="VHQ").astype(np.float32)
     if subtype != "FLOAT":
         data = np.clip(data, -1.0, 1.0)
+    ascii_only = fmt in ASCII_TAGS
     buffer = io.BytesIO()
-    with sf.SoundFile(buffer, "w", sample_rate, data.shape[1], subtype=subtype, format=container) as f:
+    with sf.SoundFile(buffer, "w", rate, data.shape[1], subtype=subtype, format=container,
+                      **LOSSY.get(fmt, {})) as f:
         if metadata is not None:
-            f.comment = json.dumps({METADATA_TAG: metadata}, separators=(",", ":"), ensure_ascii=False)
+            f.comment = json.dumps({METADATA_TAG: metadata}, separators=(",", ":"), ensure_ascii=ascii_only)
             f.software = f"{METADATA_TAG} {metadata.get('version', '')}".strip()
             if metadata.get("prompt"):
-                f.title = str(metadata["prompt"])[:200]
+                title = str(metadata["prompt"])[:200]
+                f.title = title.encode("ascii", "replace").decode() if ascii_only else title
         f.write(data)
     return buffer.getvalue()
 

@@ -210,7 +210,9 @@ FIELDS: tuple[Field, ...] = (
           max_items=MAX_INPAINT_RANGES,
           help="seconds to regenerate, the rest is kept exactly (repeatable; needs init audio)"),
     Field("format", "choice", choices=tuple(FORMATS), group="output",
-          help="wav16 (default; flac for a .flac --out), wav24, wav32f (32-bit float) or flac"),
+          help="wav16 (default; else the format an --out name's suffix says), wav24, wav32f (32-bit float), flac, "
+               "mp3 (320 kbps CBR, settings in the ID3 comment), ogg (Vorbis) or opus (48 kHz), where the local "
+               "libsndfile encodes them"),
     Field("loudness", "float", minimum=LOUDNESS_RANGE[0], maximum=LOUDNESS_RANGE[1], exclusive_maximum=True,
           metavar="LUFS", group="output",
           help="normalise to this integrated loudness (ITU-R BS.1770, e.g. -14) with a -1 dBTP true-peak "

@@ -110,6 +110,21 @@ def test_generate_streams_progress_and_serves_audio_and_metadata(server, bundle)
     assert meta["levels"]["peak_dbfs"] == pytest.approx(20 * np.log10(np.abs(expected).max()), abs=0.01)
 
 
+def test_a_weighted_prompt_as_mp3_is_served_with_its_id3_settings(server):
+    job = server.submit(prompt="warm (tape hiss:0.5) pad", seed=5, format="mp3", **FAST)
+    done = server.wait(job["id"])
+    assert done["status"] == "done", done
+    status, headers, data = server.request("GET", done["outputs"][0]["url"])
+    assert status == 200 and headers["content-type"] == "audio/mpeg" and data.startswith(b"ID3")
+    assert f'filename="{job["id"]}_1.mp3"' in headers["content-disposition"]
+    status, meta = server.json("GET", done["outputs"][0]["metadata_url"])
+    assert status == 200 and meta["metadata"]["prompt"] == "warm (tape hiss:0.5) pad"
+    assert meta["metadata"]["format"] == "mp3"
+    status, error = server.json("POST", "/api/jobs", {"prompt": "warm (tape hiss:x) pad"})
+    assert status == 400 and error["error"] == ("prompt (tape hiss:x): the weight 'x' is not a number such as 1.3 "
+                                                "or -0.5")
+
+
 def test_polling_shows_the_queue_then_the_result(server):
     first = server.submit(prompt="rain", **SLOW)
     second = server.submit(prompt="thunder", seed=3, **FAST)
@@ -167,7 +182,7 @@ def test_audio_to_audio_and_inpainting_from_an_upload_and_a_past_result(server):
     ({"prompt": "x", "cfg": 1e300}, "cfg must be in [0, 50]"),
     ({"prompt": "x", "apg": 1.5}, "apg must be in [0, 1]"),
     ({"prompt": "x", "model": "huge"}, "model must be one of sm-music, sm-sfx, medium"),
-    ({"prompt": "x", "format": "mp3"}, "format must be one of wav16"),
+    ({"prompt": "x", "format": "aac"}, "format must be one of wav16"),
     ({"prompt": "x", "loudness": 3}, "loudness must be in [-70, 0)"),
     ({"prompt": "x", "init_noise_level": 0.001}, "init_noise_level must be in [0.01, 1]"),
     ({"prompt": "x", "inpaint": [[1, 2]]}, "inpaint needs init_audio"),

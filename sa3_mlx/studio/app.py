@@ -42,7 +42,8 @@ def is_loopback(host: str) -> bool:
 STREAM_POLL_S = 0.1
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 KEY_COOKIE = "sa3_studio_key"
-MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac"}
+MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
+               ".opus": "audio/ogg"}
 
 
 class TooLarge(BadRequest):

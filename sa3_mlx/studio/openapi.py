@@ -88,7 +88,8 @@ def openapi_spec(limits: Limits) -> dict:
             "/api/jobs/{job_id}/outputs/{index}": {
                 "parameters": [job_id, index],
                 "get": {"summary": "The audio file of one output", "responses": {
-                    "200": {"description": "WAV or FLAC", "content": {"audio/wav": {}, "audio/flac": {}}},
+                    "200": {"description": "WAV, FLAC, MP3, OGG or Opus",
+                            "content": {"audio/wav": {}, "audio/flac": {}, "audio/mpeg": {}, "audio/ogg": {}}},
                     "404": _error("no such output")}},
             },
             "/api/jobs/{job_id}/outputs/{index}/metadata": {
