@@ -525,6 +525,23 @@ class Pipeline:
 
         return noise, step_noise
 
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        """The codec alone: ``[2, samples]`` audio at 44.1 kHz -> ``[256, ceil(samples / 4096)]`` float32
+        latents, the audio completed with silence to a whole latent (``sa3 encode-audio``)."""
+        audio = np.asarray(audio, dtype=np.float32)
+        n_lat = max(1, -(-audio.shape[1] // codec.SAMPLES_PER_LATENT))
+        latents = self.encode_init(audio, n_lat)
+        mx.eval(latents)
+        return np.array(latents[0])
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        """The codec alone: ``[256, T]`` latents -> ``[2, 4096 T]`` float32 audio, the exact chunked decode
+        a generation uses (``sa3 decode-latents``)."""
+        latents = mx.array(np.asarray(latents, dtype=np.float32)[None])
+        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+        mx.eval(audio)
+        return np.array(audio[0])
+
     def encode_init(self, audio: np.ndarray, n_lat: int) -> mx.array:
         """Encode [2, samples] init audio to ``[1, 256, n_lat]`` latents, trimmed or padded with
         silence to the latent grid."""
