@@ -28,7 +28,7 @@ from .models.dit import DiT
 from .plan import GenerationPlan, inpaint_keep_mask, make_plan
 from .sampling import Guidance, paste_back, seeded_step_noise
 from .settings import DTYPES as DTYPE_CHOICES
-from .settings import MODEL_DEFAULT, GenerationSettings, check_sampler, draw_seed, validate, variation_seed
+from .settings import MODEL_DEFAULT, GenerationSettings, batch_shape, check_sampler, draw_seed, validate, variation_seed
 from .sources import ModelSource, open_source
 
 DTYPES = dict(zip(DTYPE_CHOICES, (mx.float32, mx.float16, mx.bfloat16), strict=True))
@@ -478,6 +478,101 @@ class Pipeline:
             if isinstance(event, Finished):
                 result = event.result
         return result
+
+    def generate_many(self, items: Sequence[GenerationSettings]) -> list[GenerationResult]:
+        """Several text-to-audio requests of one settings shape (:func:`sa3_mlx.settings.batch_shape`:
+        they differ only in prompt, negative prompt, seed, number of outputs and output format) in one
+        batched sampling and decoding: each item's output i equals its own run with seed + i, up to the
+        rounding of batched matmuls. One item (or one with audio input) is :meth:`generate`."""
+        items = [self.resolve(s) for s in items]
+        if not items:
+            return []
+        if len(items) == 1:
+            return [self.generate(settings=items[0])]
+        if any(s.init_audio is not None for s in items):
+            raise ValueError("generate_many batches text-to-audio only; run items with audio input one by one")
+        if len({batch_shape(s) for s in items}) > 1:
+            raise ValueError("generate_many needs items of one settings shape (see settings.batch_shape)")
+        with kernels.use(self.kernels):
+            return self._run_many(items)
+
+    def _run_many(self, items: list[GenerationSettings]) -> list[GenerationResult]:
+        def drain(stage):
+            try:
+                while True:
+                    next(stage)
+            except StopIteration as done:
+                return done.value
+
+        first = items[0]
+        plan = make_plan(first, self.source, self.codec_name, None)
+        guidance = guidance_of(first)
+        self.stages = []
+        mx.reset_peak_memory()
+        drain(self._load_stage(LOAD_TEXT, "text"))
+
+        def encode_text():
+            encoded = [self.encode_text(s.prompt, s.negative_prompt, guidance) for s in items]
+            mx.eval([a for e in encoded for a in e if a is not None])
+            return encoded
+
+        encoded = drain(self._stage(TEXT_ENCODING, encode_text))
+        if first.free_models:
+            self.free("text")
+        drain(self._load_stage(LOAD_DIT, "dit"))
+        self._check_widths(text_width=encoded[0][0].shape[-1])
+        n_lat = plan.latents
+
+        t0 = time.perf_counter()
+        parts = [self.build_conditioning(embeds, mask, s.seconds, guidance, s.negative_prompt is not None, weights)
+                 for (embeds, mask, weights), s in zip(encoded, items)]
+
+        def rows(index: int) -> mx.array:
+            return mx.concatenate([mx.broadcast_to(p[index], (s.num_outputs, *p[index].shape[1:]))
+                                   for p, s in zip(parts, items)])
+
+        cross, global_cond = rows(0), rows(1)
+        uncond = rows(2) if guidance.enabled else None
+        seeds = [s.variation_seed(i) for s in items for i in range(s.num_outputs)]
+        noise, step_noise = self.draw_noise(seeds, n_lat)
+        padding_mask = None
+        if plan.valid_latents is not None and plan.valid_latents < n_lat:
+            padding_mask = (mx.arange(n_lat) < plan.valid_latents)[None, :]
+        sigmas = mx.array(plan.sigmas, dtype=mx.float32)
+        latents = None
+        for latents in self.denoiser.steps(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, None,
+                                           padding_mask, first.sampler, self.dit_dtype):
+            pass
+        latents = latents.astype(mx.float32)
+        mx.eval(latents)
+        if not mx.isfinite(latents).all().item():
+            raise ValueError(f"sampling gave NaN or infinite latents: the DiT weights of {self.model_name} "
+                             "hold non-finite values, or a setting overflows them (try --dit-dtype fp32)")
+        self.stages.append(StageStats(SAMPLING, time.perf_counter() - t0, _peak_memory()))
+        mx.reset_peak_memory()
+        if first.free_models:
+            self.free("dit")
+        drain(self._load_stage(LOAD_DECODER, "decoder"))
+
+        def decode():
+            audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+            mx.eval(audio)
+            return audio
+
+        audio = drain(self._stage(DECODING, decode))
+        if first.free_models:
+            self.free("decoder")
+        audio_np = np.array(audio[..., :int(round(first.seconds * SAMPLE_RATE))])
+        if plan.valid_latents is not None:
+            audio_np[..., plan.valid_latents * codec.SAMPLES_PER_LATENT:] = 0
+        latents_np = np.array(latents)
+        results, start = [], 0
+        for s in items:
+            end = start + s.num_outputs
+            results.append(GenerationResult(audio_np[start:end], SAMPLE_RATE, s.replace(init_noise_level=plan.init_noise_level),
+                                            plan, latents_np[start:end], list(self.stages), self.codec_name))
+            start = end
+        return results
 
     def conditioning(
         self, prompt: str, negative_prompt: str | None, seconds: float, guidance: Guidance

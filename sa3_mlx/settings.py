@@ -249,6 +249,16 @@ GenerationSettings = dataclasses.make_dataclass(
 GenerationSettings.__module__ = __name__
 
 
+# What may differ between the items of one batched run (``Pipeline.generate_many``): the rest, the
+# "settings shape", must be equal (the same model, length, schedule, guidance; no audio input).
+BATCH_VARYING = ("prompt", "negative_prompt", "seed", "num_outputs", "format", "loudness")
+
+
+def batch_shape(s) -> tuple:
+    """The settings that items of one batched run share (every field but :data:`BATCH_VARYING`)."""
+    return tuple((f.name, getattr(s, f.name)) for f in FIELDS if f.name not in BATCH_VARYING)
+
+
 def variation_seed(seed: int, index: int) -> int:
     """The seed of variation ``index``: ``seed + index``, wrapped into ``0..MAX_SEED``."""
     return (seed + index) % (MAX_SEED + 1)
