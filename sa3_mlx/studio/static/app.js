@@ -70,6 +70,114 @@ function drawWave(canvas, peaks, regions = [], seconds = 0, played = 0) {
 
 const NUMBER_FIELDS = ["seconds", "steps", "num_outputs", "seed", "cfg", "apg", "loudness", "init_noise_level"];
 const INTEGER_FIELDS = ["steps", "num_outputs", "seed"];
+// The "Sampling and guidance" controls, generated from the fields /api/options describes (kind, bounds,
+// choices, default, help): name -> label.
+const ADVANCED = {
+  sampler: "Sampler", cfg_rescale: "CFG rescale", cfg_norm_threshold: "CFG norm threshold",
+  cfg_interval: "CFG interval (sigma)", shift: "Schedule shift", headroom: "Headroom (s)",
+};
+const MODEL_DEFAULT = "model's default";
+
+function fieldOf(name) { return state.options.fields.find((f) => f.name === name); }
+
+function numberInput(id, f) {
+  const input = document.createElement("input");
+  input.id = id;
+  input.type = "number";
+  input.step = f.kind === "int" ? "1" : "any";
+  if (f.minimum !== null && f.minimum !== undefined) input.min = f.minimum;
+  if (f.maximum !== null && f.maximum !== undefined) input.max = f.maximum;
+  return input;
+}
+
+function buildAdvanced() {
+  const box = $("advanced-fields");
+  for (const [name, text] of Object.entries(ADVANCED)) {
+    const f = fieldOf(name);
+    if (!f) continue;
+    const label = document.createElement("label");
+    label.append(text);
+    label.title = f.help;
+    if (f.kind === "choice") {
+      const select = document.createElement("select");
+      select.id = name;
+      const own = document.createElement("option");
+      own.value = "";
+      own.textContent = f.default === MODEL_DEFAULT ? "model's" : "default";
+      select.appendChild(own);
+      fillSelect(select, f.choices);
+      label.appendChild(select);
+    } else if (f.kind === "interval") {
+      const pair = document.createElement("span");
+      pair.className = "pair";
+      pair.append(numberInput(`${name}_lo`, f), numberInput(`${name}_hi`, f));
+      label.appendChild(pair);
+    } else if (f.kind === "shift") {
+      const input = document.createElement("input");
+      input.id = name;
+      input.placeholder = "model (e.g. flux:alpha_min=2,alpha_max=2)";
+      input.maxLength = f.max_chars || 200;
+      label.appendChild(input);
+    } else {
+      label.appendChild(numberInput(name, f));
+    }
+    box.appendChild(label);
+  }
+  resetAdvanced();
+}
+
+// Every advanced control at its field's default.
+function resetAdvanced() {
+  const values = {};
+  for (const name of Object.keys(ADVANCED)) {
+    const f = fieldOf(name);
+    if (f) values[name] = f.default === MODEL_DEFAULT ? null : f.default;
+  }
+  setAdvanced(values);
+}
+
+function setAdvanced(settings) {
+  for (const name of Object.keys(ADVANCED)) {
+    const f = fieldOf(name);
+    if (!f) continue;
+    const value = settings[name];
+    if (f.kind === "interval") {
+      const [lo, hi] = value || f.default;
+      $(`${name}_lo`).value = lo;
+      $(`${name}_hi`).value = hi;
+    } else if (f.kind === "shift") {
+      $(name).value = value && value !== "model" ? value : "";
+    } else {
+      $(name).value = value === null || value === undefined ? "" : value;
+    }
+  }
+}
+
+function advancedInUse(settings) {
+  return Object.keys(ADVANCED).some((name) => {
+    const f = fieldOf(name);
+    const value = settings[name];
+    if (!f || value === null || value === undefined || f.default === MODEL_DEFAULT) return false;
+    return JSON.stringify(value) !== JSON.stringify(f.default);
+  });
+}
+
+function readAdvanced(s) {
+  for (const name of Object.keys(ADVANCED)) {
+    const f = fieldOf(name);
+    if (!f) continue;
+    if (f.kind === "interval") {
+      const lo = $(`${name}_lo`).value.trim(), hi = $(`${name}_hi`).value.trim();
+      if (lo !== "" || hi !== "") s[name] = [lo === "" ? f.minimum : parseFloat(lo), hi === "" ? f.maximum : parseFloat(hi)];
+    } else if (f.kind === "choice" || f.kind === "shift") {
+      const value = $(name).value.trim();
+      if (value !== "") s[name] = value;
+    } else {
+      const raw = $(name).value.trim();
+      if (raw !== "") s[name] = f.kind === "int" ? parseInt(raw, 10) : parseFloat(raw);
+    }
+  }
+}
 
 function readForm() {
   const s = {
@@ -84,6 +192,7 @@ function readForm() {
     if (raw === "") continue;
     s[name] = INTEGER_FIELDS.includes(name) ? parseInt(raw, 10) : parseFloat(raw);
   }
+  readAdvanced(s);
   if (state.input) {
     s.init_audio = state.input.init_audio;
     s.inpaint = state.regions.map(([a, b]) => [round(a), round(b)]);
@@ -105,6 +214,8 @@ function fillForm(settings) {
     const value = settings[name];
     $(name).value = value === null || value === undefined ? "" : value;
   }
+  setAdvanced(settings);
+  if (advancedInUse(settings)) $("advanced").open = true;  // show what the reused settings set
   state.regions = (settings.inpaint || []).map((r) => r.slice());
   if (settings.init_audio) {
     // The input itself is shown again when it is a past result (an upload's waveform is not kept).
@@ -252,7 +363,15 @@ function finishWatching(job) {
 function summary(s) {
   const parts = [s.mode || (s.init_audio ? "audio input" : "text-to-audio"), s.model, `${s.seconds} s`,
     `${s.steps} steps`, `seed ${s.seed}`, `cfg ${s.cfg}`];
+  if (s.sampler) parts.push(s.sampler);
   if (s.cfg !== 1) parts.push(`apg ${s.apg}`);
+  if (s.cfg_rescale) parts.push(`rescale ${s.cfg_rescale}`);
+  if (s.cfg_norm_threshold) parts.push(`norm threshold ${s.cfg_norm_threshold}`);
+  if (s.cfg_interval && (s.cfg_interval[0] !== 0 || s.cfg_interval[1] !== 1)) {
+    parts.push(`guided at sigma ${s.cfg_interval[0]}–${s.cfg_interval[1]}`);
+  }
+  if (s.shift && s.shift !== "model") parts.push(`shift ${s.shift}`);
+  if (s.headroom) parts.push(`headroom ${s.headroom} s`);
   if (s.negative_prompt) parts.push(`not "${s.negative_prompt}"`);
   if (s.init_audio) parts.push(`from ${describeInput(s.init_audio)}`);
   if (s.inpaint && s.inpaint.length) parts.push("regions " + s.inpaint.map(([a, b]) => `${a}–${b}`).join(", "));
@@ -365,6 +484,9 @@ async function start() {
   fillSelect($("model"), options.models);
   fillSelect($("decoder"), options.decoders);
   fillSelect($("format"), options.formats);
+  buildAdvanced();
+  const prompt = options.fields.find((f) => f.name === "prompt");
+  if (prompt) $("prompt").title = prompt.help;
   $("seconds").max = options.limits.max_seconds;
   $("steps").max = options.limits.max_steps;
   $("num_outputs").max = options.limits.max_batch;
