@@ -145,3 +145,36 @@ def test_negative_prompt_weights_and_a_run_end_to_end(generate, sa3, work):
     # sa3 info reproduces it with the prompts as typed.
     code, info, _ = sa3("info", work / "output" / "weighted.wav")
     assert code == 0 and "--prompt 'epic (choir:1.8) swell'" in info and "--negative-prompt '(drums:0.5)'" in info
+
+
+@pytest.mark.parametrize("side, eos, length", [("left", False, 16), ("right", False, 16), ("left", True, 16),
+                                               ("right", True, 12)])
+def test_weights_land_on_the_phrase_tokens_whatever_the_padding(golden, tmp_path, side, eos, length):
+    """A release's tokenizer (transformers' conventions: BOS, maybe EOS, left or right padding, truncation):
+    the weights fall on the phrase's own tokens, never on a special token or padding."""
+    import json
+    import shutil
+
+    from sa3_mlx import upstream
+    from sa3_mlx.conditioning import PromptEncoder
+
+    folder = tmp_path / "t5"
+    shutil.copytree(golden / "upstream_ckpt" / "t5gemma-b-b-ul2", folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": side, "add_eos_token": eos}))
+    tokenizer = upstream.HFTokenizer(folder)
+    encoder = PromptEncoder(None, tokenizer, length)
+    raw = "soft rain, (warm analog pad:2), tape"
+    parsed = parse(raw)
+    ids, mask = (np.asarray(a) for a in tokenizer.encode([parsed.text], length))
+    weights = encoder._token_weights([parsed], mask)[0]
+    before, through = tokenizer.count("soft rain,"), tokenizer.count("soft rain, warm analog pad")
+    body = tokenizer._pieces(parsed.text)
+    kept = mask[0].sum() - 1 - int(eos)  # the prompt's own tokens left after truncation
+    phrase = body[before:min(through, kept)]
+    weighted = np.nonzero(weights != 1)[0]
+    assert list(ids[0][weighted]) == phrase and (weights[weighted] == 2).all() and mask[0][weighted].all()
+    real = np.nonzero(mask[0])[0]
+    assert real[0] not in weighted and (not eos or real[-1] not in weighted)  # BOS and EOS keep weight 1
+    if length == 12:
+        assert 0 < len(phrase) < through - before  # a phrase cut by truncation keeps its weight on what is left
