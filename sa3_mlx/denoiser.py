@@ -176,3 +176,36 @@ class Denoiser:
             if on_step is not None:
                 on_step(i, total)
         return x
+
+
+class GatedDenoiser:
+    """Sampling where the model depends on the noise level: LoRAs active at some levels only.
+
+    ``pick(level)`` gives the :class:`Denoiser` (a DiT with its own merged weights) for a level; each
+    step evaluates the one its level picks, with that DiT's own conditioning projections (made once
+    per DiT and generation). A step costs what a step of one merged DiT costs; the price is memory, one
+    DiT per distinct set of active LoRAs, and their merge when first used.
+    """
+
+    def __init__(self, pick: Callable[[float], Denoiser]):
+        self.pick = pick
+
+    def steps(self, noise: mx.array, sigmas: mx.array, cross: mx.array, global_cond: mx.array,
+              uncond: mx.array | None, guidance: Guidance, step_noise: StepNoise, local_cond: mx.array | None = None,
+              padding_mask: mx.array | None = None, sampler: str = DISTILLED_DEFAULTS.sampler,
+              dtype: mx.Dtype | None = None) -> Iterator[mx.array]:
+        """As :meth:`Denoiser.steps`."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        velocities: dict[int, Velocity] = {}
+
+        def velocity(x: mx.array, t: mx.array, level: float) -> mx.array:
+            denoiser = self.pick(float(level))
+            if id(denoiser) not in velocities:
+                velocities[id(denoiser)] = denoiser.velocity(noise.shape[0], noise.shape[-1], cross, global_cond,
+                                                             uncond, guidance, local_cond, padding_mask)
+            return velocities[id(denoiser)](x, t, level)
+
+        first = self.pick(float(sigmas[0].item()))
+        x = noise.astype(dtype or first.dit.dtype)
+        yield from SAMPLERS[sampler](velocity, x, sigmas, step_noise)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .models.dit import COND_PREFIX
-from .settings import parse_lora_spec
+from .settings import lora_interval, parse_lora_spec
 from .weights import WeightError
 
 ADAPTER_TYPES = ("lora", "dora-rows", "dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs")
@@ -347,16 +347,47 @@ class LoraStack:
 
     files: list[LoraFile] = field(default_factory=list)
     strengths: list[float] = field(default_factory=list)
+    # Per file, the noise levels (lo, hi) at which it is active; None = always (merged, no cost).
+    intervals: list[tuple[float, float] | None] = field(default_factory=list)
 
     @classmethod
-    def from_specs(cls, specs: Sequence[str | tuple[str | Path, float]]) -> "LoraStack":
-        """``"FILE"``, ``"FILE:STRENGTH"`` or ``(path, strength)`` entries, in stacking order."""
+    def from_specs(cls, specs: Sequence[str | tuple]) -> "LoraStack":
+        """``"FILE"``, ``"FILE:STRENGTH"``, ``"FILE:STRENGTH@LO-HI"`` or ``(path, strength[, (lo, hi)])``
+        entries, in stacking order."""
         stack = cls()
         for spec in specs:
-            path, strength = parse_spec(spec) if isinstance(spec, str) else (Path(spec[0]), float(spec[1]))
+            if isinstance(spec, str):
+                path, strength = parse_spec(spec)
+                interval = lora_interval(spec)[1]
+            else:
+                path, strength = Path(spec[0]), float(spec[1])
+                interval = tuple(spec[2]) if len(spec) > 2 and spec[2] is not None else None
+            if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
+                raise LoraError(f"{path}: the active noise levels {interval[0]:g}-{interval[1]:g} need "
+                                "0 <= LO <= HI <= 1")
             stack.files.append(read_lora(path))
             stack.strengths.append(strength)
+            stack.intervals.append(None if interval in (None, (0.0, 1.0)) else (float(interval[0]), float(interval[1])))
         return stack
+
+    @property
+    def gated(self) -> bool:
+        """Whether some file is active at some noise levels only (then the DiT switches weights per step)."""
+        return any(i is not None for i in self.intervals)
+
+    def active_at(self, level: float) -> frozenset[int]:
+        """The files active at noise level ``level``."""
+        return frozenset(k for k, i in enumerate(self.intervals) if i is None or i[0] <= level <= i[1])
+
+    def subset(self, active: frozenset[int]) -> "LoraStack":
+        """The stack of the ``active`` files alone (always active: what a weight set merges)."""
+        keep = [k for k in range(len(self.files)) if k in active]
+        return LoraStack([self.files[k] for k in keep], [self.strengths[k] for k in keep], [None] * len(keep))
+
+    def specs(self) -> list[str]:
+        """``FILE:STRENGTH[@LO-HI]`` per file (what the metadata records)."""
+        return [f"{f.path}:{s!r}" + ("" if i is None else f"@{i[0]!r}-{i[1]!r}")
+                for f, s, i in zip(self.files, self.strengths, self.intervals)]
 
     def set_strength(self, strength: float, index: int | None = None) -> None:
         """Strength of every file (``index`` None) or of one, as upstream ``set_lora_strength``."""
@@ -372,8 +403,9 @@ class LoraStack:
         return out
 
     def describe(self) -> list[dict]:
-        return [dict(file=str(f.path), type=f.adapter_type, rank=f.rank, alpha=f.alpha, strength=s)
-                for f, s in zip(self.files, self.strengths)]
+        return [dict(file=str(f.path), type=f.adapter_type, rank=f.rank, alpha=f.alpha, strength=s,
+                     active=None if i is None else list(i))
+                for f, s, i in zip(self.files, self.strengths, self.intervals)]
 
 
 def parse_spec(spec: str) -> tuple[Path, float]:

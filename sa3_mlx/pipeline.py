@@ -22,7 +22,7 @@ import numpy as np
 from . import codec, kernels
 from .audio import SAMPLE_RATE, read_audio
 from .conditioning import Conditioner, PromptEncoder
-from .denoiser import Denoiser
+from .denoiser import Denoiser, GatedDenoiser
 from .lora import LoraStack
 from .models.dit import DiT
 from .plan import GenerationPlan, inpaint_keep_mask, make_plan
@@ -160,6 +160,7 @@ class Pipeline:
         self._dit: DiT | None = None
         self._conditioner: Conditioner | None = None
         self._denoiser: Denoiser | None = None
+        self._gated: dict[frozenset, Denoiser] = {}  # LoRA gating: one DiT per set of active LoRAs
         self._decoder = None
         self._encoder = None
         self.stages: list[StageStats] = []
@@ -194,7 +195,7 @@ class Pipeline:
 
     @property
     def lora_specs(self) -> list[str]:
-        return [f"{f.path}:{s!r}" for f, s in zip(self.loras.files, self.loras.strengths)]
+        return self.loras.specs()
 
     def fetch(self, encoder: bool = False) -> list[Path]:
         """Make sure every file a run needs is local (downloads before any clock starts)."""
@@ -235,10 +236,25 @@ class Pipeline:
         return self._conditioner
 
     @property
-    def denoiser(self) -> Denoiser:
+    def denoiser(self) -> Denoiser | GatedDenoiser:
+        """The sampler's model: with LoRAs active at some noise levels only (``FILE:S@LO-HI``), a
+        :class:`GatedDenoiser` that runs each step with the DiT of the LoRAs active at its level."""
         if self._denoiser is None:
             self._load_dit()
-        return self._denoiser
+        if not self.loras.gated:
+            return self._denoiser
+        return GatedDenoiser(lambda level: self._gated_denoiser(self.loras.active_at(level)))
+
+    def _gated_denoiser(self, active: frozenset) -> Denoiser:
+        """The DiT (weight set) of the LoRAs in ``active``, merged once and kept while the DiT is loaded."""
+        if active == frozenset(range(len(self.loras.files))):
+            return self._denoiser
+        if active not in self._gated:
+            weights = self.loras.subset(active).apply(self._lora_base)
+            dit, _ = self.source.load_dit(self.dit_dtype, weights)
+            self.kernels.prepare(dit)
+            self._gated[active] = Denoiser(dit, self.compile_steps)
+        return self._gated[active]
 
     @property
     def decoder(self):
@@ -271,6 +287,7 @@ class Pipeline:
                 raise ValueError(f"unknown model part {part!r} (choose from {', '.join(MODEL_PARTS)})")
             if part == "dit":
                 self._dit = self._conditioner = self._denoiser = None  # the denoiser's compiled steps hold the DiT
+                self._gated = {}
             else:
                 setattr(self, f"_{part}", None)
         _free()

@@ -158,10 +158,11 @@ FIELDS: tuple[Field, ...] = (
           help="an original PyTorch release instead of --dit: a Hugging Face repo "
                "(stabilityai/stable-audio-3-{small-music,small-sfx,medium}[-base]) or a local folder with "
                "model_config.json (or one written by sa3 convert)"),
-    Field("loras", "loras", (), fronts=("cli",), flag="--lora", metavar="FILE[:STRENGTH]", group="model",
+    Field("loras", "loras", (), fronts=("cli",), flag="--lora", metavar="FILE[:STRENGTH][@LO-HI]", group="model",
           minimum=-MAX_LORA_STRENGTH, maximum=MAX_LORA_STRENGTH, max_items=16,
           help="LoRA/DoRA adapter (upstream .safetensors) merged into the DiT, strength default 1 "
-               f"(|strength| <= {MAX_LORA_STRENGTH:g}); repeatable, stacked in the order given"),
+               f"(|strength| <= {MAX_LORA_STRENGTH:g}); @LO-HI: active only at noise levels sigma in [LO, HI] "
+               "(0 <= LO <= HI <= 1; e.g. @0.4-1 for the early steps); repeatable, stacked in the order given"),
     Field("decoder", "choice", choices=tuple(hub.CODECS), group="model",
           help="audio codec (default: the generator's own; another one works, with a warning)"),
     Field("dit_dtype", "choice", choices=DTYPES, group="model",
@@ -395,8 +396,25 @@ def check_sampler(sampler: str, objective: str, model: str) -> None:
                                        f"{choices}")
 
 
+_LORA_INTERVAL = re.compile(r"@([0-9.eE+-]+)-([0-9.eE+-]+)$")
+
+
+def lora_interval(text: str) -> tuple[str, tuple[float, float] | None]:
+    """``SPEC@LO-HI`` -> (SPEC, (LO, HI)): the noise levels at which a LoRA is active; (SPEC, None) when the
+    spec ends in no interval (always active)."""
+    m = _LORA_INTERVAL.search(text)
+    if not m:
+        return text, None
+    try:
+        return text[:m.start()], (float(m.group(1)), float(m.group(2)))
+    except ValueError:
+        return text, None
+
+
 def parse_lora_spec(text: str) -> tuple[str, float]:
-    """``FILE[:STRENGTH]``: the strength is the text after the last colon when it is a number."""
+    """``FILE[:STRENGTH][@LO-HI]``: the strength is the text after the last colon when it is a number
+    (the interval, see :func:`lora_interval`, is left out here)."""
+    text, _ = lora_interval(text)
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
@@ -557,6 +575,11 @@ def _check_value(field: Field, value, bounds: Mapping | None) -> Any:
             if not math.isfinite(strength) or abs(strength) > field.maximum:
                 raise SettingsError(field.name, "{" + field.name + "} " + f"{spec}: the strength must be a finite "
                                     f"number in [{field.minimum:g}, {field.maximum:g}]")
+            _, interval = lora_interval(spec)
+            if interval is not None and not (math.isfinite(interval[0]) and math.isfinite(interval[1])
+                                             and 0.0 <= interval[0] <= interval[1] <= 1.0):
+                raise SettingsError(field.name, "{" + field.name + "} " + f"{spec}: the noise levels after '@' "
+                                    "need 0 <= LO <= HI <= 1")
     return value
 
 

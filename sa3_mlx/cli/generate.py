@@ -175,7 +175,8 @@ def _banner_rows(s, pipe, plan, paths) -> list[tuple[str, str]]:
         rows.append(("negative", repr(s.negative_prompt)))
     rows.append(("model", f"{pipe.model_name}  decoder {pipe.codec_name}  "
                           f"dtypes: DiT {pipe.dtype_name}, codec {pipe.codec_dtype_name}"))
-    rows += [("lora", f"{Path(f['file']).name} ({f['type']}, rank {f['rank']}) x {f['strength']:g}")
+    rows += [("lora", f"{Path(f['file']).name} ({f['type']}, rank {f['rank']}) x {f['strength']:g}"
+                      + (f"  at sigma {f['active'][0]:g}..{f['active'][1]:g}" if f["active"] else ""))
              for f in pipe.loras.describe()]
     rows += [
         ("length", f"{s.seconds:g} s  ({plan.latents} latents"
