@@ -158,11 +158,14 @@ FIELDS: tuple[Field, ...] = (
           help="an original PyTorch release instead of --dit: a Hugging Face repo "
                "(stabilityai/stable-audio-3-{small-music,small-sfx,medium}[-base]) or a local folder with "
                "model_config.json (or one written by sa3 convert)"),
-    Field("loras", "loras", (), fronts=("cli",), flag="--lora", metavar="FILE[:STRENGTH][@LO-HI]", group="model",
+    Field("loras", "loras", (), fronts=("cli",), flag="--lora", metavar="FILE[:STRENGTH][@LO-HI][;OPTION...]",
+          group="model",
           minimum=-MAX_LORA_STRENGTH, maximum=MAX_LORA_STRENGTH, max_items=16,
           help="LoRA/DoRA adapter (upstream .safetensors) merged into the DiT, strength default 1 "
                f"(|strength| <= {MAX_LORA_STRENGTH:g}); @LO-HI: active only at noise levels sigma in [LO, HI] "
-               "(0 <= LO <= HI <= 1; e.g. @0.4-1 for the early steps); repeatable, stacked in the order given"),
+               "(0 <= LO <= HI <= 1; e.g. @0.4-1 for the early steps); options ;cond=S (the conditioner's own "
+               "strength) and ;skip=GLOB|GLOB (modules left out, e.g. ;skip=layers.0.|layers.1.); repeatable, "
+               "stacked in the order given"),
     Field("decoder", "choice", choices=tuple(hub.CODECS), group="model",
           help="audio codec (default: the generator's own; another one works, with a warning)"),
     Field("dit_dtype", "choice", choices=DTYPES, group="model",
@@ -399,9 +402,37 @@ def check_sampler(sampler: str, objective: str, model: str) -> None:
 _LORA_INTERVAL = re.compile(r"@([0-9.eE+-]+)-([0-9.eE+-]+)$")
 
 
+def lora_options(text: str) -> tuple[str, dict]:
+    """``SPEC;cond=S;skip=GLOB|GLOB`` -> (SPEC, {"cond": S, "skip": (GLOB, ...)}): the conditioner's own
+    strength and the modules (upstream paths, matched anywhere: ``layers.1.`` matches one block) where the
+    adapter is left out. Raises ValueError with the reason for a malformed option."""
+    head, sep, tail = text.partition(";")
+    options: dict = {}
+    if not sep:
+        return text, options
+    for item in tail.split(";"):
+        key, eq, value = item.partition("=")
+        if key not in ("cond", "skip") or not eq or not value:
+            raise ValueError(f"options after ';' are cond=STRENGTH and skip=GLOB[|GLOB...] (got {item!r})")
+        if key in options:
+            raise ValueError(f"{key} is given twice")
+        if key == "cond":
+            try:
+                options["cond"] = float(value)
+            except ValueError:
+                raise ValueError(f"cond expects a number (got {value!r})") from None
+        else:
+            globs = tuple(value.split("|"))
+            if not all(globs):
+                raise ValueError(f"skip has an empty pattern (got {value!r})")
+            options["skip"] = globs
+    return head, options
+
+
 def lora_interval(text: str) -> tuple[str, tuple[float, float] | None]:
     """``SPEC@LO-HI`` -> (SPEC, (LO, HI)): the noise levels at which a LoRA is active; (SPEC, None) when the
     spec ends in no interval (always active)."""
+    text = text.partition(";")[0]
     m = _LORA_INTERVAL.search(text)
     if not m:
         return text, None
@@ -575,6 +606,14 @@ def _check_value(field: Field, value, bounds: Mapping | None) -> Any:
             if not math.isfinite(strength) or abs(strength) > field.maximum:
                 raise SettingsError(field.name, "{" + field.name + "} " + f"{spec}: the strength must be a finite "
                                     f"number in [{field.minimum:g}, {field.maximum:g}]")
+            try:
+                _, options = lora_options(spec)
+            except ValueError as e:
+                raise SettingsError(field.name, "{" + field.name + "} " + f"{spec}: {e}") from None
+            cond = options.get("cond")
+            if cond is not None and (not math.isfinite(cond) or abs(cond) > field.maximum):
+                raise SettingsError(field.name, "{" + field.name + "} " + f"{spec}: the cond strength must be a "
+                                    f"finite number in [{field.minimum:g}, {field.maximum:g}]")
             _, interval = lora_interval(spec)
             if interval is not None and not (math.isfinite(interval[0]) and math.isfinite(interval[1])
                                              and 0.0 <= interval[0] <= interval[1] <= 1.0):

@@ -80,3 +80,50 @@ def test_each_step_runs_the_dit_of_the_loras_active_at_its_level(golden, lora_fi
     whole = Pipeline(ckpt, progress=False, loras=[f"{lora_file}:1.0@0-1"])
     np.testing.assert_array_equal(whole.generate("warm pad", **values).audio, on.generate("warm pad", **values).audio)
     assert whole.lora_specs == [f"{lora_file}:1.0"]
+
+
+def test_layer_filter_and_conditioner_strength(golden, lora_file):
+    """``;skip=GLOB|GLOB`` leaves the adapter out of matching modules, ``;cond=S`` gives the conditioner's
+    modules their own strength; the rest of the merge is unchanged."""
+    from sa3_mlx import lora
+    from sa3_mlx import upstream
+
+    base = {k: v.astype(np.float32) for k, v in upstream.load(golden / "upstream_ckpt").dit_weights.items()}
+    full = LoraStack.from_specs([f"{lora_file}:1.0"]).apply(base)
+    stack = LoraStack.from_specs([f"{lora_file}:1.0@0.2-1;cond=0;skip=layers.1.|to_local_embed"])
+    assert stack.cond_strengths == [0.0] and stack.skips == [("layers.1.", "to_local_embed")]
+    assert stack.specs() == [f"{lora_file}:1.0@0.2-1.0;cond=0.0;skip=layers.1.|to_local_embed"]
+    filtered = stack.apply(base)
+    changed = [k for k in full if not np.array_equal(full[k], base[k])]
+    assert any("layers.1." in k for k in changed) and lora.SECONDS_KEY in changed
+    for key in changed:
+        module = lora.key_to_module(key)
+        left_out = lora.skipped(module, ("layers.1.", "to_local_embed")) or module.startswith(lora.COND_ROOT)
+        if left_out:
+            np.testing.assert_array_equal(filtered[key], base[key])
+        else:
+            np.testing.assert_array_equal(filtered[key], full[key])
+    # Half the conditioner strength: the seconds embedder alone moves, as a strength-0.5 merge moves it.
+    half = LoraStack.from_specs([f"{lora_file}:1.0;cond=0.5"]).apply(base)
+    np.testing.assert_array_equal(half[lora.SECONDS_KEY],
+                                  LoraStack.from_specs([f"{lora_file}:0.5"]).apply(base)[lora.SECONDS_KEY])
+    for spec, words in ((f"{lora_file};cond=x", "cond expects a number"), (f"{lora_file};skip=", "options after"),
+                        (f"{lora_file};cond=99", "the cond strength must be"), (f"{lora_file};bogus=1", "options after"),
+                        (f"{lora_file};skip=a||b", "empty pattern")):
+        with pytest.raises(SettingsError, match=words):
+            table.validate({"prompt": "x", "loras": (spec,)})
+
+
+def test_gated_and_filtered_lora_through_the_cli(sa3, golden, lora_file, work):
+    ckpt = golden / "upstream_ckpt"
+    spec = f"{lora_file}:0.8@0.5-1;skip=layers.0."
+    code, out, err = sa3("--prompt", "x", "--model", ckpt, "--lora", spec, "--seconds", "1.5", "--seed", "2")
+    assert code == 0, err
+    from sa3_mlx.audio import read_metadata
+
+    meta = read_metadata(work / out.strip())
+    assert meta["loras"] == [f"{lora_file}:0.8@0.5-1.0;skip=layers.0."]
+    code, info, _ = sa3("info", work / out.strip())
+    assert code == 0 and f"--lora '{lora_file}:0.8@0.5-1.0;skip=layers.0.'" in info
+    code, _, err = sa3("--prompt", "x", "--model", ckpt, "--lora", f"{lora_file}:1@0.9-0.1")
+    assert code == 2 and "the noise levels after '@' need 0 <= LO <= HI <= 1" in err

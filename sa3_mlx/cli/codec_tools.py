@@ -22,7 +22,7 @@ def _codec_arguments(p: Parser, role: str) -> None:
     g.add_argument("--model", metavar="REPO_OR_PATH", dest="release",
                    help="an original release (Hugging Face repo or local folder): its own codec")
     g.add_argument("--codec-dtype", choices=DTYPES, help="codec precision (default fp32; fp16 for SAME-L on a GPU)")
-    g.add_argument("--weights-dir", type=Path, help="local folder with the weight files (flat or with MLX/)")
+    g.add_argument("--weights-dir", type=Path, metavar="DIR", help="local folder with the weight files (flat or with MLX/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 

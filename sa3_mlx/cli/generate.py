@@ -33,6 +33,10 @@ examples:
   sa3 --prompt "lofi beat" --model ./stable-audio-3-small-music-base        (base model: 50 steps, cfg 7)
   sa3 --prompt "lofi beat" --model ./stable-audio-3-small-music-base --sampler dpmpp --steps 30 \
       --cfg-rescale 0.7 --cfg-interval 0,0.9 --shift flux:alpha_min=3,alpha_max=3
+  sa3 --prompt "lofi house, (warm rhodes:1.5), (vinyl crackle:0.4)" --out lofi.mp3   (weights, MP3)
+  sa3 --prompts-file prompts.jsonl --dit sm-sfx --seconds 4 --out sfx/      (a list, resumable)
+  sa3 --prompt "lofi beat" --model ./stable-audio-3-small-music --lora style.safetensors:0.8@0.4-1
+  sa3 encode-audio loop.flac --out loop.npy     sa3 decode-latents loop.npy --out back.wav
   sa3 convert stabilityai/stable-audio-3-small-music converted/            (-> official MLX files)
   sa3 download all          sa3 doctor          sa3 info output/some_file.wav
 """
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sa3",
         description="Stable Audio 3 in MLX: text-to-audio, audio-to-audio, inpainting and continuation. "
         "Other commands: sa3 download, sa3 doctor, sa3 info FILE, sa3 convert REPO_OR_PATH OUT_DIR, "
-        "sa3 studio, sa3 bench.",
+        "sa3 encode-audio IN --out LATENTS.npy, sa3 decode-latents LATENTS.npy --out OUT.wav, sa3 studio, sa3 bench.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -176,7 +180,9 @@ def _banner_rows(s, pipe, plan, paths) -> list[tuple[str, str]]:
     rows.append(("model", f"{pipe.model_name}  decoder {pipe.codec_name}  "
                           f"dtypes: DiT {pipe.dtype_name}, codec {pipe.codec_dtype_name}"))
     rows += [("lora", f"{Path(f['file']).name} ({f['type']}, rank {f['rank']}) x {f['strength']:g}"
-                      + (f"  at sigma {f['active'][0]:g}..{f['active'][1]:g}" if f["active"] else ""))
+                      + (f"  at sigma {f['active'][0]:g}..{f['active'][1]:g}" if f["active"] else "")
+                      + (f"  conditioner x {f['cond_strength']:g}" if f["cond_strength"] is not None else "")
+                      + (f"  skipping {'|'.join(f['skip'])}" if f["skip"] else ""))
              for f in pipe.loras.describe()]
     rows += [
         ("length", f"{s.seconds:g} s  ({plan.latents} latents"
