@@ -388,3 +388,28 @@ def test_load_50_concurrent_submissions_from_another_process(bundle, tmp_path):
         assert studio.json("GET", "/api/health")[1]["status"] == "ok"
     finally:
         assert studio.stop() == 0
+
+
+def test_a_prompt_list_queues_one_job_per_item(server):
+    text = "\n".join([json.dumps({"prompt": "rain", "seed": 3}), "# a comment",
+                      json.dumps({"prompt": "(thunder:1.5) far", "seconds": 2, "id": "ignored"})])
+    status, answer = server.json("POST", "/api/prompt-lists", {"text": text, "defaults": {"seconds": 1.5, "steps": 2}})
+    assert status == 202, answer
+    jobs = answer["jobs"]
+    assert [j["settings"]["prompt"] for j in jobs] == ["rain", "(thunder:1.5) far"]
+    done = [server.wait(j["id"]) for j in jobs]
+    assert [d["status"] for d in done] == ["done", "done"]
+    assert [(d["settings"]["seconds"], d["settings"]["steps"]) for d in done] == [(1.5, 2), (2.0, 2)]
+    assert done[0]["settings"]["seed"] == 3
+
+    bad = "\n".join(["plain prompt one", "warm (pad", "fine"])
+    status, answer = server.json("POST", "/api/prompt-lists", {"text": bad, "defaults": {"steps": 2000}})
+    assert status == 400
+    assert answer["error"].startswith("3 bad lines in the prompt list: line 1: steps must be in [1, ")
+    assert "line 2: prompt has an unbalanced '(' at character 6" in answer["error"]
+    for body, words in (({"text": "# nothing"}, "the prompt list holds no prompts"),
+                        ({"text": '{"prompt": "x", "release": "/etc"}'}, "line 1: unknown setting 'release'"),
+                        ({"text": "x", "extra": 1}, 'must be {"text"'),
+                        ({"text": "x", "defaults": []}, "defaults must be a JSON object")):
+        status, answer = server.json("POST", "/api/prompt-lists", body)
+        assert status == 400 and words in answer["error"], answer

@@ -305,3 +305,37 @@ def test_sampling_and_guidance_controls_from_the_options(browser, tmp_path):
         assert len(jobs(driver)) == 1
     finally:
         assert studio.stop() == 0
+
+
+def test_a_prompt_list_upload_queues_a_job_per_item(browser, tmp_path):
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    studio = StudioProcess(tmp_path / "out", build_tiny_bundle(tmp_path / "bundle"))
+    try:
+        open_page(driver, studio)
+        for name, value in (("seconds", "1.5"), ("steps", "2")):
+            driver.find_element(By.ID, name).clear()
+            driver.find_element(By.ID, name).send_keys(value)
+        listing = tmp_path / "list.jsonl"
+        listing.write_text(json.dumps({"prompt": "rain", "seed": 4}) + "\n"
+                           + json.dumps({"prompt": "(thunder:1.4) far", "seconds": 2}) + "\n")
+        driver.find_element(By.ID, "prompt-list").send_keys(str(listing))
+        wait(lambda: driver.find_element(By.ID, "message").text == "Queued 2 jobs from list.jsonl.",
+             what="the list to be queued", driver=driver)
+        wait(lambda: len(jobs(driver, "done")) == 2, what="both results", driver=driver)
+        summaries = {j.find_element(By.CSS_SELECTOR, ".prompt").text: j.find_element(By.CSS_SELECTOR, ".summary").text
+                     for j in jobs(driver)}
+        assert set(summaries) == {"rain", "(thunder:1.4) far"}
+        assert "1.5 s · 2 steps" in summaries["rain"] and "seed 4" in summaries["rain"]
+        assert "2 s · 2 steps" in summaries["(thunder:1.4) far"]
+
+        listing.write_text("fine\nwarm (pad\n")
+        driver.find_element(By.ID, "prompt-list").send_keys(str(listing))
+        wait(lambda: "1 bad line in the prompt list: line 2: prompt has an unbalanced '('"
+             in driver.find_element(By.ID, "message").text, what="the list's error", driver=driver)
+        assert len(jobs(driver)) == 2
+    finally:
+        assert studio.stop() == 0

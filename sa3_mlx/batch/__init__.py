@@ -93,6 +93,45 @@ def item_id(settings: GenerationSettings) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def parse_lines(text: str, jsonl: bool | None = None) -> list[tuple[int, dict | BatchError]]:
+    """The items of a prompts file's text as ``(line number, JSON values)``: a plain line is
+    ``{"prompt": LINE}``; a JSONL line is its object (``jsonl`` None: JSONL when the first item starts with
+    ``{``). A line that is no JSON object, or whose ``id`` is malformed, comes as its :class:`BatchError`.
+    Blank lines and lines starting with ``#`` are skipped. No setting is checked here (the front end's rules do)."""
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise BatchError("holds no prompts")
+    if len(lines) > MAX_ITEMS:
+        raise BatchError(f"{len(lines)} items; at most {MAX_ITEMS} are accepted")
+    if jsonl is None:
+        jsonl = lines[0][1].startswith("{")
+    out: list[tuple[int, dict | BatchError]] = []
+    for number, line in lines:
+        if len(line) > MAX_LINE_CHARS:
+            out.append((number, BatchError(f"is {len(line)} characters; at most {MAX_LINE_CHARS} are accepted")))
+            continue
+        if not jsonl:
+            out.append((number, {"prompt": line}))
+            continue
+        try:
+            data = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            detail = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            out.append((number, BatchError(f"not a JSON object ({detail})")))
+            continue
+        if not isinstance(data, dict):
+            out.append((number, BatchError("not a JSON object of settings")))
+            continue
+        given_id = data.get("id")
+        if given_id is not None and (not isinstance(given_id, str) or not ID_PATTERN.fullmatch(given_id)):
+            out.append((number, BatchError(f"id {given_id!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                                           "(starting with a letter or digit)")))
+            continue
+        out.append((number, data))
+    return out
+
+
 def load_items(path: str | Path, defaults: Mapping[str, Any] | None = None) -> list[Item]:
     """Every item of a prompts file, checked (see the module). ``defaults``: typed values (the command
     line's other flags) that an item's own settings override. Raises :class:`BatchError` listing every
@@ -107,37 +146,21 @@ def load_items(path: str | Path, defaults: Mapping[str, Any] | None = None) -> l
         raise BatchError(f"--prompts-file {path}: not UTF-8 text") from None
     except OSError as e:
         raise BatchError(f"--prompts-file {path}: cannot be read ({e.strerror or e})") from None
-    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
-    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
-    if not lines:
-        raise BatchError(f"--prompts-file {path}: holds no prompts")
-    if len(lines) > MAX_ITEMS:
-        raise BatchError(f"--prompts-file {path}: {len(lines)} items; at most {MAX_ITEMS} are accepted")
-    jsonl = path.suffix.lower() == ".jsonl" or lines[0][1].startswith("{")
+    try:
+        lines = parse_lines(text, jsonl=path.suffix.lower() == ".jsonl" or None)
+    except BatchError as e:
+        raise BatchError(f"--prompts-file {path}: {e}") from None
     base = {k: v for k, v in (defaults or {}).items() if v is not None}
     items, errors, seen = [], [], {}
-    for number, line in lines:
+    for number, data in lines:
         try:
-            if len(line) > MAX_LINE_CHARS:
-                raise BatchError(f"is {len(line)} characters; at most {MAX_LINE_CHARS} are accepted")
-            given_id = None
-            if jsonl:
-                try:
-                    data = json.loads(line)
-                except ValueError as e:
-                    raise BatchError(f"not a JSON object ({e.msg}, column {e.colno})") from None
-                if not isinstance(data, dict):
-                    raise BatchError("not a JSON object of settings")
-                given_id = data.pop("id", None)
-                if given_id is not None and (not isinstance(given_id, str) or not ID_PATTERN.fullmatch(given_id)):
-                    raise BatchError(f"id {given_id!r} must be 1-64 letters, digits, '.', '_' or '-' "
-                                     "(starting with a letter or digit)")
-                unknown = sorted(set(data) - set(FIELD))
-                if unknown:
-                    raise BatchError(f"unknown setting {unknown[0]!r} (known: id, {', '.join(FIELD)})")
-                values = {name: _typed(name, value, path.parent) for name, value in data.items() if value is not None}
-            else:
-                values = {"prompt": line}
+            if isinstance(data, BatchError):
+                raise data
+            given_id = data.pop("id", None)
+            unknown = sorted(set(data) - set(FIELD))
+            if unknown:
+                raise BatchError(f"unknown setting {unknown[0]!r} (known: id, {', '.join(FIELD)})")
+            values = {name: _typed(name, value, path.parent) for name, value in data.items() if value is not None}
             settings = validate({**base, **values})
             ident = given_id or item_id(settings)
             if ident in seen:
@@ -259,5 +282,5 @@ def run_items(
             yield done_in_order[item.id]
 
 
-__all__ = ["BatchError", "Item", "ItemResult", "MANIFEST", "load_items", "item_id", "groups", "output_paths",
+__all__ = ["BatchError", "Item", "ItemResult", "MANIFEST", "parse_lines", "load_items", "item_id", "groups", "output_paths",
            "pipeline_key", "run_items"]

@@ -97,6 +97,18 @@ def openapi_spec(limits: Limits) -> dict:
                 "get": {"summary": "The settings stored in the file, and its levels",
                         "responses": {"200": {"description": "metadata"}, "404": _error("no such output")}},
             },
+            "/api/prompt-lists": {
+                "post": {"summary": "Queue one job per item of a prompt list (the CLI's --prompts-file format: a "
+                                    "prompt a line, or JSONL with settings per item); defaults apply to every item",
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                             "type": "object", "required": ["text"], "additionalProperties": False,
+                             "properties": {"text": {"type": "string"},
+                                            "defaults": {"type": "object", "description": "settings for every item"}},
+                         }}}},
+                         "responses": {"202": {"description": "the queued jobs"},
+                                       "400": _error("bad lines, each with its number"),
+                                       "429": _error("the queue has no room for every item")}},
+            },
             "/api/uploads": {
                 "post": {"summary": "Upload init audio (the file as the body); decoded with the CLI's checks",
                          "requestBody": {"required": True, "content": {"application/octet-stream": {}}},

@@ -14,6 +14,7 @@ const state = {
   regions: [],      // [[start, end], ...] seconds, on the input audio
   job: null,        // id of the job being watched
   events: null,     // its EventSource
+  pending: [],      // ids of a prompt list's jobs still to watch, in order
   poll: null,       // and its fallback poll timer
 };
 
@@ -301,6 +302,7 @@ function setUpRegionSelection() {
 
 async function submit(settings) {
   say("");
+  state.pending = [];
   try {
     const job = await api("POST", "/api/jobs", settings);
     watch(job);
@@ -358,6 +360,24 @@ function finishWatching(job) {
   if (job.status === "failed") say(`Failed: ${job.error}`);
   else if (job.status === "cancelled") say("Cancelled.");
   for (const warning of job.warnings || []) say(`Warning: ${warning}`);
+  const next = state.pending.shift();  // a prompt list: watch its next job
+  if (next) api("GET", `/api/jobs/${next}`).then(watch).catch((e) => say(e.message));
+}
+
+async function submitList(file) {
+  say("");
+  try {
+    const defaults = readForm();
+    delete defaults.prompt;
+    const { jobs } = await api("POST", "/api/prompt-lists", { text: await file.text(), defaults });
+    for (const job of jobs) upsertJob(job);
+    state.pending = jobs.slice(1).map((j) => j.id);
+    watch(jobs[0]);
+    say(`Queued ${jobs.length} job${jobs.length === 1 ? "" : "s"} from ${file.name}.`);
+  } catch (error) {
+    say(error.status === 429 ? `The queue has no room for the list; try again in ${error.retryAfter} s.` : error.message);
+  }
+  $("prompt-list").value = "";
 }
 
 function summary(s) {
@@ -508,6 +528,7 @@ async function start() {
       say("");
     } catch (error) { say(error.message); $("upload").value = ""; }
   });
+  $("prompt-list").addEventListener("change", () => { if ($("prompt-list").files[0]) submitList($("prompt-list").files[0]); });
   let searchTimer = null;
   $("search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(loadHistory, 250); });
   setUpRegionSelection();
