@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import codec
-from .audio import SAMPLE_RATE, AudioError, honour_umask, read_audio, write_audio
+from .audio import MAX_READ_SECONDS, SAMPLE_RATE, AudioError, honour_umask, read_audio, write_audio
 
 MAX_LATENTS = int(np.ceil(400.0 * SAMPLE_RATE / codec.SAMPLES_PER_LATENT))  # what read_audio reads at most, encoded
 
@@ -102,7 +102,10 @@ def encode_file(pipeline, source: str | Path, out: str | Path, overwrite: bool =
     out = Path(out)
     if out.exists() and not overwrite:  # fail before the encoder loads
         raise LatentsError(f"{out}: already exists (choose another --out, or pass --overwrite)")
-    audio = read_audio(source)
+    audio = read_audio(source)  # reads MAX_READ_SECONDS at most, and a little more than any model takes
+    if audio.shape[1] >= int(MAX_READ_SECONDS * SAMPLE_RATE):
+        raise LatentsError(f"{source}: longer than {MAX_READ_SECONDS:g} s, more than any model takes; cut it "
+                           "into parts first")
     latents = pipeline.encode_audio(audio)
     return write_latents(out, latents, overwrite), latents, audio.shape[1]
 

@@ -98,3 +98,10 @@ def test_bad_inputs_are_one_error_line(sa3, bundle, work, init_wav):
     assert code == 2 and "--seconds 2 must be in (0, 1.02168]" in one_error_line(err)
     assert sorted(p.name for p in work.iterdir()) == ["bad_shape.npy", "exists.npy", "in.wav", "nan.npy",
                                                         "objects.npy", "ok.npy", "text.npy"]
+
+
+def test_an_input_longer_than_any_model_takes_is_refused_not_cut(sa3, bundle, work):
+    sf.write(str(work / "long.flac"), np.zeros(401 * 1000, np.float32), 1000)  # 401 s at 1 kHz: a small file
+    code, out, err = sa3("encode-audio", "long.flac", "--out", "long.npy", "--weights-dir", bundle)
+    assert code == 2 and out == "" and "long.flac: longer than 400 s" in one_error_line(err)
+    assert not (work / "long.npy").exists()
