@@ -109,6 +109,40 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: fl
     return np.ascontiguousarray(data.T)
 
 
+# ---- pictures ------------------------------------------------------------------------------
+
+
+def spectrogram(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, frames: int = 160, bins: int = 48,
+                floor_db: float = -80.0) -> dict:
+    """A small picture of ``[channels, samples]`` audio for a page: ``{"width": frames, "height": bins,
+    "data": base64 bytes}``, one byte (0 = ``floor_db`` below the loudest cell or quieter .. 255 = it) per
+    cell, rows from the lowest band up. The mono mix's Hann-windowed 2048-point spectrum, averaged into
+    ``bins`` log-spaced bands from 40 Hz to 16 kHz, at ``frames`` times spread over the clip."""
+    import base64
+
+    mono = np.asarray(audio, dtype=np.float32).mean(axis=0)
+    n_fft = 2048
+    if mono.size < n_fft:
+        mono = np.pad(mono, (0, n_fft - mono.size))
+    starts = np.linspace(0, mono.size - n_fft, frames).astype(int)
+    window = np.hanning(n_fft).astype(np.float32)
+    power = np.abs(np.fft.rfft(np.stack([mono[s:s + n_fft] for s in starts]) * window, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    edges = np.geomspace(40.0, min(16000.0, sample_rate / 2), bins + 1)
+    index = np.clip(np.searchsorted(edges, freqs) - 1, -1, bins)
+    bands = np.zeros((frames, bins), np.float64)
+    for b in range(bins):
+        chosen = index == b
+        if not chosen.any():  # a band narrower than a bin: its nearest bin
+            chosen = np.zeros_like(chosen)
+            chosen[np.argmin(np.abs(freqs - np.sqrt(edges[b] * edges[b + 1])))] = True
+        bands[:, b] = power[:, chosen].mean(axis=1)
+    db = 10 * np.log10(np.maximum(bands, 1e-20))
+    db -= db.max()
+    cells = np.clip((db - floor_db) / -floor_db * 255, 0, 255).astype(np.uint8).T  # [bins, frames], lowest first
+    return {"width": frames, "height": bins, "data": base64.b64encode(np.ascontiguousarray(cells).tobytes()).decode()}
+
+
 # ---- levels and loudness ----------------------------------------------------------------
 
 

@@ -55,8 +55,24 @@ def _as_inputs(c: DiTConditioning) -> tuple:
     return (c.context_kv, c.global_embed, c.local_embeds) + (() if c.value_mask is None else (c.value_mask,))
 
 
+def _tracking(velocity: Velocity, holder) -> Velocity:
+    """``velocity`` that also keeps, as ``holder.denoised``, the clean latents its last evaluation predicts
+    (rectified flow: ``x = (1 - s) x0 + s noise`` and ``v = noise - x0``, so ``x0 = x - s v``): a live
+    preview's input, computed (lazily) only when asked for."""
+
+    def tracked(x: mx.array, t: mx.array, level: float) -> mx.array:
+        v = velocity(x, t, level)
+        holder.denoised = x - level * v
+        return v
+
+    return tracked
+
+
 class Denoiser:
-    """Sampling with one DiT: cond and uncond in one batched forward, steps compiled once (GPU)."""
+    """Sampling with one DiT: cond and uncond in one batched forward, steps compiled once (GPU).
+    ``denoised``: after each step of :meth:`steps`, the clean latents its last model evaluation predicts."""
+
+    denoised: mx.array | None = None
 
     def __init__(self, dit: DiT, compile_steps: bool | None = None):
         self.dit = dit
@@ -165,7 +181,7 @@ class Denoiser:
         velocity = self.velocity(noise.shape[0], noise.shape[-1], cross, global_cond, uncond, guidance,
                                  local_cond, padding_mask)
         x = noise.astype(dtype or self.dit.dtype)
-        yield from SAMPLERS[sampler](velocity, x, sigmas, step_noise)
+        yield from SAMPLERS[sampler](_tracking(velocity, self), x, sigmas, step_noise)
 
     def sample(self, *args, on_step: Callable[[int, int], None] | None = None, **kwargs) -> mx.array:
         """:meth:`steps` run to the end; ``on_step(k, n)`` after each step."""
@@ -186,6 +202,8 @@ class GatedDenoiser:
     per DiT and generation). A step costs what a step of one merged DiT costs; the price is memory, one
     DiT per distinct set of active LoRAs, and their merge when first used.
     """
+
+    denoised: mx.array | None = None
 
     def __init__(self, pick: Callable[[float], Denoiser]):
         self.pick = pick
@@ -208,4 +226,4 @@ class GatedDenoiser:
 
         first = self.pick(float(sigmas[0].item()))
         x = noise.astype(dtype or first.dit.dtype)
-        yield from SAMPLERS[sampler](velocity, x, sigmas, step_noise)
+        yield from SAMPLERS[sampler](_tracking(velocity, self), x, sigmas, step_noise)

@@ -84,11 +84,23 @@ class Step:
 
 
 @dataclass
+class Preview:
+    """After step ``done``: the audio that the clean latents of the latest model evaluation decode to (the
+    samplers run one step ahead: for pingpong, euler and dpmpp, the prediction from the state after step
+    ``done``), first output only, ``[2, samples]``, and the decode's seconds (``Pipeline.run(preview_every=N)``)."""
+
+    done: int
+    total: int
+    audio: np.ndarray
+    seconds: float
+
+
+@dataclass
 class Finished:
     result: GenerationResult
 
 
-Event = StageStarted | StageEnded | Step | Finished
+Event = StageStarted | StageEnded | Step | Preview | Finished
 
 
 def _peak_memory() -> int:
@@ -359,20 +371,22 @@ class Pipeline:
         if getattr(self, f"_{part}") is None:
             yield from self._stage(name, lambda: getattr(self, part))
 
-    def run(self, settings: GenerationSettings, init_audio: np.ndarray | None = None) -> Iterator[Event]:
+    def run(self, settings: GenerationSettings, init_audio: np.ndarray | None = None,
+            preview_every: int = 0) -> Iterator[Event]:
         """Generate ``settings.num_outputs`` clips (seeds ``seed``, ``seed + 1``, ...), as events.
 
         ``init_audio`` ([2, samples] at 44.1 kHz) turns this into audio-to-audio; with
         inpaint ranges, or when the init audio is shorter than ``seconds``
         (continuation), only those parts are regenerated and the kept latents are
         pasted back exactly. The last event is :class:`Finished` with the result;
-        closing the generator early stops the run at the next step.
+        closing the generator early stops the run at the next step. ``preview_every`` N > 0: after every
+        N-th step but the last, a :class:`Preview` of what that step predicts (the decoder is loaded for it).
         """
         with kernels.use(self.kernels):
-            result = yield from self._run(self.resolve(settings), init_audio)
+            result = yield from self._run(self.resolve(settings), init_audio, preview_every)
         yield Finished(result)
 
-    def _run(self, s: GenerationSettings, init_audio: np.ndarray | None) -> Iterator[Event]:
+    def _run(self, s: GenerationSettings, init_audio: np.ndarray | None, preview_every: int = 0) -> Iterator[Event]:
         plan = make_plan(s, self.source, self.codec_name, init_audio)
         guidance = guidance_of(s)
         self.stages = []
@@ -425,10 +439,13 @@ class Pipeline:
             padding_mask = (mx.arange(n_lat) < plan.valid_latents)[None, :]
         sigmas = mx.array(plan.sigmas, dtype=mx.float32)
         latents = None
-        states = self.denoiser.steps(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond,
-                                     padding_mask, s.sampler, self.dit_dtype)
+        denoiser = self.denoiser
+        states = denoiser.steps(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond,
+                                padding_mask, s.sampler, self.dit_dtype)
         for i, latents in enumerate(states, start=1):
             yield Step(i, s.steps)
+            if preview_every > 0 and i % preview_every == 0 and i < s.steps and denoiser.denoised is not None:
+                yield self._preview(i, s.steps, denoiser.denoised[:1], s.seconds)
         if keep is not None:
             latents = paste_back(latents, init_latents, keep)
         latents = latents.astype(mx.float32)
@@ -495,6 +512,13 @@ class Pipeline:
             if isinstance(event, Finished):
                 result = event.result
         return result
+
+    def _preview(self, done: int, total: int, denoised: mx.array, seconds: float) -> Preview:
+        t0 = time.perf_counter()
+        latents = denoised.astype(mx.float32)
+        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+        audio = np.array(audio[0, :, :int(round(seconds * SAMPLE_RATE))])
+        return Preview(done, total, audio, time.perf_counter() - t0)
 
     def generate_many(self, items: Sequence[GenerationSettings]) -> list[GenerationResult]:
         """Several text-to-audio requests of one settings shape (:func:`sa3_mlx.settings.batch_shape`:
@@ -664,5 +688,5 @@ class Pipeline:
         return latents[..., :n_lat]
 
 
-__all__ = ["Pipeline", "GenerationResult", "StageStats", "StageStarted", "StageEnded", "Step", "Finished",
+__all__ = ["Pipeline", "GenerationResult", "StageStats", "StageStarted", "StageEnded", "Step", "Preview", "Finished",
            "Event", "STAGES", "variation_seed"]

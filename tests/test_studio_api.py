@@ -413,3 +413,23 @@ def test_a_prompt_list_queues_one_job_per_item(server):
                         ({"text": "x", "defaults": []}, "defaults must be a JSON object")):
         status, answer = server.json("POST", "/api/prompt-lists", body)
         assert status == 400 and words in answer["error"], answer
+
+
+def test_live_previews_and_result_spectrograms(server):
+    """The server previews every 4 steps (its default): the job's state carries the latest one while it samples."""
+    import base64
+
+    job = server.submit(prompt="rain", seconds=8, steps=40, seed=1)
+    states = events(server, job["id"])
+    previews = [s["preview"] for s in states if s.get("preview")]
+    assert previews and all(p["step"] % 4 == 0 and p["step"] < 40 and p["steps"] == 40 for p in previews)
+    assert all(s["step"] >= s["preview"]["step"] for s in states if s.get("preview"))
+    spec = previews[0]["spectrogram"]
+    assert (spec["width"], spec["height"]) == (160, 48) and len(base64.b64decode(spec["data"])) == 160 * 48
+    assert previews[0]["seconds"] > 0
+    final = states[-1]
+    assert final["status"] == "done"
+    out = final["outputs"][0]["spectrogram"]
+    assert len(base64.b64decode(out["data"])) == out["width"] * out["height"]
+    status, listed = server.json("GET", "/api/jobs")
+    assert status == 200 and listed["jobs"][0]["outputs"][0]["spectrogram"] == out  # kept in the history

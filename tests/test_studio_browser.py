@@ -100,6 +100,14 @@ def wave_pixels(png: bytes) -> int:
     return int((np.abs(pixels - np.array(WAVE_RGB)).max(axis=-1) <= 24).sum())
 
 
+def bright_pixels(png: bytes) -> int:
+    """How many pixels of a screenshot are lit (a drawn spectrogram's cells are not black)."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return int((pixels.max(axis=-1) > 60).sum())
+
+
 def test_generate_inpaint_and_history_in_chromium(browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -163,6 +171,11 @@ def test_generate_inpaint_and_history_in_chromium(browser, tmp_path):
             driver.find_element(By.ID, field).send_keys(value)
         driver.find_element(By.ID, "generate").click()
         wait(lambda: "sampling: step" in driver.find_element(By.ID, "stage").text, what="sampling progress")
+        # The live preview: the spectrogram of what the latest step predicts, every 4 steps (the server's default).
+        wait(lambda: driver.find_element(By.ID, "preview-box").is_displayed()
+             and re.fullmatch(r"preview at step \d*[048]/100", driver.find_element(By.ID, "preview-label").text),
+             what="a live preview", driver=driver)
+        assert bright_pixels(driver.find_element(By.ID, "preview").screenshot_as_png) > 100
         driver.find_element(By.ID, "cancel").click()
         wait(lambda: driver.find_element(By.ID, "message").text == "Cancelled.", what="the cancellation")
         assert jobs(driver)[0].get_attribute("data-status") == "cancelled"
@@ -278,6 +291,7 @@ def test_sampling_and_guidance_controls_from_the_options(browser, tmp_path):
         assert (settings["prompt"], settings["sampler"], settings["cfg_rescale"], settings["cfg_norm_threshold"],
                 settings["cfg_interval"], settings["shift"]) == ("(glass:1.5) shattering, (stone:0.5)", "pingpong",
                                                                  0.5, 20.0, [0.1, 0.9], "flux:alpha_min=2.0,alpha_max=2.0")
+        assert bright_pixels(job.find_element(By.CSS_SELECTOR, "canvas.spectrogram").screenshot_as_png) > 500
         summary = job.find_element(By.CSS_SELECTOR, ".summary").text
         for words in ("pingpong", "rescale 0.5", "norm threshold 20", "guided at sigma 0.1–0.9",
                       "shift flux:alpha_min=2.0,alpha_max=2.0"):

@@ -67,6 +67,27 @@ function drawWave(canvas, peaks, regions = [], seconds = 0, played = 0) {
   }
 }
 
+// A spectrogram ({width, height, data: base64 bytes, lowest band first}) in a dark-to-warm palette.
+function drawSpectrogram(canvas, spec) {
+  if (!spec) return;
+  const bytes = Uint8Array.from(atob(spec.data), (c) => c.charCodeAt(0));
+  canvas.width = spec.width;
+  canvas.height = spec.height;
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(spec.width, spec.height);
+  for (let row = 0; row < spec.height; row++) {
+    for (let x = 0; x < spec.width; x++) {
+      const v = bytes[row * spec.width + x];
+      const at = ((spec.height - 1 - row) * spec.width + x) * 4;  // the lowest band at the bottom
+      image.data[at] = v;
+      image.data[at + 1] = Math.round((v * v) / 255);
+      image.data[at + 2] = Math.round(160 * Math.sqrt(v / 255));
+      image.data[at + 3] = 255;
+    }
+  }
+  ctx.putImageData(image, 0, 0);
+}
+
 // ---- the form -----------------------------------------------------------------------
 
 const NUMBER_FIELDS = ["seconds", "steps", "num_outputs", "seed", "cfg", "apg", "loudness", "init_noise_level"];
@@ -350,12 +371,20 @@ function showProgress(job) {
     progress.value = job.step || 0;
     $("stage").textContent = job.stage === "sampling" ? `sampling: step ${job.step}/${job.steps}` : job.stage;
   }
+  $("preview-box").hidden = !job.preview || job.status !== "running";
+  if (job.preview && job.preview.step !== state.previewStep) {
+    state.previewStep = job.preview.step;
+    drawSpectrogram($("preview"), job.preview.spectrogram);
+    $("preview-label").textContent = `preview at step ${job.preview.step}/${job.preview.steps}`;
+  }
 }
 
 function finishWatching(job) {
   stopWatching();
   state.job = null;
   $("progress-box").hidden = true;
+  $("preview-box").hidden = true;
+  state.previewStep = null;
   $("cancel").hidden = true;
   if (job.status === "failed") say(`Failed: ${job.error}`);
   else if (job.status === "cancelled") say("Cancelled.");
@@ -440,7 +469,8 @@ function renderOutput(job, output) {
   const url = withKey(output.url);
   const audio = node.querySelector("audio");
   audio.src = url;
-  const canvas = node.querySelector("canvas");
+  const canvas = node.querySelector("canvas.wave");
+  drawSpectrogram(node.querySelector("canvas.spectrogram"), output.spectrogram);
   const draw = () => drawWave(canvas, output.peaks, [], 0, audio.duration ? audio.currentTime / audio.duration : 0);
   audio.addEventListener("timeupdate", draw);
   canvas.addEventListener("click", (event) => {
@@ -449,7 +479,8 @@ function renderOutput(job, output) {
   });
   const download = node.querySelector(".download");
   download.href = url;
-  download.download = `sa3_${job.id}_${output.index + 1}.${job.settings.format === "flac" ? "flac" : "wav"}`;
+  const suffix = { flac: "flac", mp3: "mp3", ogg: "ogg", opus: "opus" }[job.settings.format] || "wav";
+  download.download = `sa3_${job.id}_${output.index + 1}.${suffix}`;
   node.querySelector(".use-input").onclick = () => {
     setInput({ job: job.id, output: output.index }, job.settings.seconds, output.peaks,
       `job ${job.id}, output ${output.index + 1}`);
