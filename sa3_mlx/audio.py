@@ -1,4 +1,5 @@
-"""Reading and writing audio files, and loudness: any format soundfile reads in, WAV/FLAC out.
+"""Reading and writing audio files, and loudness: any format soundfile reads in; WAV, FLAC, MP3, OGG/Vorbis and
+Opus out (the lossy ones where the local libsndfile encodes them: MP3 needs libsndfile 1.1 or later).
 
 Input is decoded by libsndfile (WAV of any bit depth, float, FLAC, OGG/Vorbis,
 Opus, AIFF, ...) and resampled to 44.1 kHz with soxr; no ffmpeg process. Output is
@@ -32,7 +33,20 @@ FORMATS = {
     "wav24": ("WAV", "PCM_24", ".wav"),
     "wav32f": ("WAV", "FLOAT", ".wav"),
     "flac": ("FLAC", "PCM_24", ".flac"),
+    "mp3": ("MP3", "MPEG_LAYER_III", ".mp3"),
+    "ogg": ("OGG", "VORBIS", ".ogg"),
+    "opus": ("OGG", "OPUS", ".opus"),
 }
+# The lossy formats' encoder settings: MP3 at a constant 320 kbps, Vorbis and Opus at their best VBR quality.
+LOSSY = {
+    "mp3": {"compression_level": 0.0, "bitrate_mode": "CONSTANT"},
+    "ogg": {"compression_level": 0.0},
+    "opus": {"compression_level": 0.0},
+}
+# Formats that cannot hold 44.1 kHz: the audio is resampled (soxr) to this rate when written; reading resamples back.
+FORMAT_RATES = {"opus": 48000}
+# Formats whose tags libsndfile writes as Latin-1 (MP3's ID3v2 frames): their metadata JSON is kept ASCII.
+ASCII_TAGS = {"mp3"}
 
 TRUE_PEAK_CEILING_DB = -1.0  # the usual streaming ceiling (EBU R128 / AES TD1004)
 TRUE_PEAK_OVERSAMPLING = 4  # BS.1770-4 Annex 2
@@ -93,6 +107,40 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: fl
     if channels == 1:
         data = np.repeat(data, CHANNELS, axis=1)
     return np.ascontiguousarray(data.T)
+
+
+# ---- pictures ------------------------------------------------------------------------------
+
+
+def spectrogram(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, frames: int = 160, bins: int = 48,
+                floor_db: float = -80.0) -> dict:
+    """A small picture of ``[channels, samples]`` audio for a page: ``{"width": frames, "height": bins,
+    "data": base64 bytes}``, one byte (0 = ``floor_db`` below the loudest cell or quieter .. 255 = it) per
+    cell, rows from the lowest band up. The mono mix's Hann-windowed 2048-point spectrum, averaged into
+    ``bins`` log-spaced bands from 40 Hz to 16 kHz, at ``frames`` times spread over the clip."""
+    import base64
+
+    mono = np.asarray(audio, dtype=np.float32).mean(axis=0)
+    n_fft = 2048
+    if mono.size < n_fft:
+        mono = np.pad(mono, (0, n_fft - mono.size))
+    starts = np.linspace(0, mono.size - n_fft, frames).astype(int)
+    window = np.hanning(n_fft).astype(np.float32)
+    power = np.abs(np.fft.rfft(np.stack([mono[s:s + n_fft] for s in starts]) * window, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    edges = np.geomspace(40.0, min(16000.0, sample_rate / 2), bins + 1)
+    index = np.clip(np.searchsorted(edges, freqs) - 1, -1, bins)
+    bands = np.zeros((frames, bins), np.float64)
+    for b in range(bins):
+        chosen = index == b
+        if not chosen.any():  # a band narrower than a bin: its nearest bin
+            chosen = np.zeros_like(chosen)
+            chosen[np.argmin(np.abs(freqs - np.sqrt(edges[b] * edges[b + 1])))] = True
+        bands[:, b] = power[:, chosen].mean(axis=1)
+    db = 10 * np.log10(np.maximum(bands, 1e-20))
+    db -= db.max()
+    cells = np.clip((db - floor_db) / -floor_db * 255, 0, 255).astype(np.uint8).T  # [bins, frames], lowest first
+    return {"width": frames, "height": bins, "data": base64.b64encode(np.ascontiguousarray(cells).tobytes()).decode()}
 
 
 # ---- levels and loudness ----------------------------------------------------------------
@@ -224,30 +272,54 @@ def check_writable(path: str | Path) -> None:
         raise AudioError(f"{path}: cannot write there ({e.strerror or e}); choose another --out") from None
 
 
+def format_problem(fmt: str) -> str | None:
+    """Why the local libsndfile cannot write ``fmt`` (None when it can)."""
+    import soundfile as sf
+
+    container, subtype, _ = FORMATS[fmt]
+    if container in sf.available_formats() and subtype in sf.available_subtypes(container):
+        return None
+    need = " (MPEG Layer III needs libsndfile 1.1 or later)" if fmt == "mp3" else ""
+    return (f"{fmt} output needs a libsndfile that encodes {container}/{subtype}; this one "
+            f"({sf.__libsndfile_version__}) does not{need}: choose another format, e.g. flac")
+
+
 def encode_audio(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, fmt: str = "wav16", metadata: dict | None = None) -> bytes:
     """The bytes of a ``fmt`` file holding ``[channels, samples]`` float audio and ``metadata``.
 
-    Integer formats clip at full scale (the caller reports the peak beforehand);
+    Integer and lossy formats clip at full scale (the caller reports the peak beforehand);
     ``wav32f`` keeps values beyond it. ``metadata`` is stored as JSON in the
-    file's comment tag, so ``read_metadata`` gives the settings back.
+    file's comment tag (for MP3 the ID3v2 COMM frame, ASCII JSON), so ``read_metadata``
+    gives the settings back. Opus is written at 48 kHz (:data:`FORMAT_RATES`).
     """
     import soundfile as sf
 
     if fmt not in FORMATS:
         raise AudioError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    problem = format_problem(fmt)
+    if problem:
+        raise AudioError(problem)
     container, subtype, _ = FORMATS[fmt]
     if not np.isfinite(audio).all():
         raise AudioError("refusing to write audio with NaN or infinite samples")
     data = np.asarray(audio, dtype=np.float32).T
+    rate = FORMAT_RATES.get(fmt, sample_rate)
+    if rate != sample_rate:
+        import soxr
+
+        data = soxr.resample(data, sample_rate, rate, quality="VHQ").astype(np.float32)
     if subtype != "FLOAT":
         data = np.clip(data, -1.0, 1.0)
+    ascii_only = fmt in ASCII_TAGS
     buffer = io.BytesIO()
-    with sf.SoundFile(buffer, "w", sample_rate, data.shape[1], subtype=subtype, format=container) as f:
+    with sf.SoundFile(buffer, "w", rate, data.shape[1], subtype=subtype, format=container,
+                      **LOSSY.get(fmt, {})) as f:
         if metadata is not None:
-            f.comment = json.dumps({METADATA_TAG: metadata}, separators=(",", ":"), ensure_ascii=False)
+            f.comment = json.dumps({METADATA_TAG: metadata}, separators=(",", ":"), ensure_ascii=ascii_only)
             f.software = f"{METADATA_TAG} {metadata.get('version', '')}".strip()
             if metadata.get("prompt"):
-                f.title = str(metadata["prompt"])[:200]
+                title = str(metadata["prompt"])[:200]
+                f.title = title.encode("ascii", "replace").decode() if ascii_only else title
         f.write(data)
     return buffer.getvalue()
 

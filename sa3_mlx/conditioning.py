@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 import numpy as np
 
+from . import prompt_weights
 from .models.dit import COND_PREFIX
 from .models.layers import expo_fourier_frequencies, fourier_features
 from .settings import MAX_SECONDS
@@ -81,10 +82,22 @@ class Conditioner(nn.Module):
             raise ValueError(f"unknown padding mode {mode!r} (expected 'learned' or 'zeros')")
         return mx.where(keep, embeds, fill)
 
+    def weigh(self, embeds: mx.array, weights: mx.array | None) -> mx.array:
+        """Prompt weighting (:mod:`sa3_mlx.prompt_weights`): each token of weight ``w != 1`` becomes
+        ``p + w * (e - p)``, ``p`` the learned padding ("empty") embedding; the others keep their bits."""
+        if weights is None:
+            return embeds
+        p = self.padding_embedding.astype(embeds.dtype)
+        w = weights.astype(embeds.dtype)[..., None]
+        return mx.where(weights[..., None] != 1, p + w * (embeds - p), embeds)
+
     def build(
-        self, embeds: mx.array, mask: mx.array, seconds: Sequence[float], padding: str = "learned"
+        self, embeds: mx.array, mask: mx.array, seconds: Sequence[float], padding: str = "learned",
+        weights: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """``(cross_attn_cond [B, S+1, C], global_cond [B, C])`` for prompt embeddings and durations."""
+        """``(cross_attn_cond [B, S+1, C], global_cond [B, C])`` for prompt embeddings and durations
+        (``weights [B, S]``: prompt weighting's per-token weights, None = none)."""
+        embeds = self.weigh(embeds, weights)
         seconds_token = self.seconds_embedding(seconds).astype(embeds.dtype)
         cross = mx.concatenate([self.pad_prompt(embeds, mask, padding), seconds_token], axis=1)
         return cross, seconds_token[:, 0, :]
@@ -121,7 +134,35 @@ class PromptEncoder:
         return self.encoder.config.hidden_size
 
     def encode(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
-        """Embeddings ``[B, S, C]`` (zero past the longest prompt) and their mask ``[B, S]`` (S = max_length)."""
+        """Embeddings ``[B, S, C]`` (zero past the longest prompt) and their mask ``[B, S]`` (S = max_length).
+        Weighted prompts are encoded without their ``(phrase:W)`` syntax; :meth:`encode_weighted` also
+        gives the weights."""
+        embeds, mask, _ = self.encode_weighted(prompts)
+        return embeds, mask
+
+    def encode_weighted(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array, mx.array | None]:
+        """:meth:`encode` and the per-token weights ``[B, S]`` of the prompts' ``(phrase:W)`` groups
+        (None when no prompt has a weight other than 1: the embeddings are then those of the plain text)."""
+        parsed = [prompt_weights.parse(p) for p in prompts]
+        embeds, mask = self._encode([p.text for p in parsed])
+        if not any(p.weighted for p in parsed):
+            return embeds, mask, None
+        return embeds, mask, mx.array(self._token_weights(parsed, np.asarray(mask)))
+
+    def _token_weights(self, parsed, mask: np.ndarray) -> np.ndarray:
+        """Per position weights: a prompt's k-th own token is its (head + k)-th real token (after the
+        special tokens the tokenizer puts first), wherever the padding puts the real tokens."""
+        weights = np.ones(mask.shape, dtype=np.float32)
+        head, tail = self.tokenizer.special_tokens()
+        for row, p in enumerate(parsed):
+            real = np.nonzero(mask[row])[0]
+            kept = max(0, len(real) - head - tail)  # the prompt's own tokens left after truncation
+            for start, end, weight in prompt_weights.token_spans(p.text, p.spans, self.tokenizer.count):
+                start, end = min(start, kept), min(end, kept)
+                weights[row, real[head + start:head + end]] = weight
+        return weights
+
+    def _encode(self, prompts: list[str]) -> tuple[mx.array, mx.array]:
         ids, mask = (np.asarray(a) for a in self.tokenizer.encode(list(prompts), max_length=self.max_length))
         # Padding is on the right and masked out of every real token's attention, and
         # the conditioner replaces the pad positions' outputs; so encoding only up to

@@ -55,8 +55,24 @@ def _as_inputs(c: DiTConditioning) -> tuple:
     return (c.context_kv, c.global_embed, c.local_embeds) + (() if c.value_mask is None else (c.value_mask,))
 
 
+def _tracking(velocity: Velocity, holder) -> Velocity:
+    """``velocity`` that also keeps, as ``holder.denoised``, the clean latents its last evaluation predicts
+    (rectified flow: ``x = (1 - s) x0 + s noise`` and ``v = noise - x0``, so ``x0 = x - s v``): a live
+    preview's input, computed (lazily) only when asked for."""
+
+    def tracked(x: mx.array, t: mx.array, level: float) -> mx.array:
+        v = velocity(x, t, level)
+        holder.denoised = x - level * v
+        return v
+
+    return tracked
+
+
 class Denoiser:
-    """Sampling with one DiT: cond and uncond in one batched forward, steps compiled once (GPU)."""
+    """Sampling with one DiT: cond and uncond in one batched forward, steps compiled once (GPU).
+    ``denoised``: after each step of :meth:`steps`, the clean latents its last model evaluation predicts."""
+
+    denoised: mx.array | None = None
 
     def __init__(self, dit: DiT, compile_steps: bool | None = None):
         self.dit = dit
@@ -165,7 +181,7 @@ class Denoiser:
         velocity = self.velocity(noise.shape[0], noise.shape[-1], cross, global_cond, uncond, guidance,
                                  local_cond, padding_mask)
         x = noise.astype(dtype or self.dit.dtype)
-        yield from SAMPLERS[sampler](velocity, x, sigmas, step_noise)
+        yield from SAMPLERS[sampler](_tracking(velocity, self), x, sigmas, step_noise)
 
     def sample(self, *args, on_step: Callable[[int, int], None] | None = None, **kwargs) -> mx.array:
         """:meth:`steps` run to the end; ``on_step(k, n)`` after each step."""
@@ -176,3 +192,38 @@ class Denoiser:
             if on_step is not None:
                 on_step(i, total)
         return x
+
+
+class GatedDenoiser:
+    """Sampling where the model depends on the noise level: LoRAs active at some levels only.
+
+    ``pick(level)`` gives the :class:`Denoiser` (a DiT with its own merged weights) for a level; each
+    step evaluates the one its level picks, with that DiT's own conditioning projections (made once
+    per DiT and generation). A step costs what a step of one merged DiT costs; the price is memory, one
+    DiT per distinct set of active LoRAs, and their merge when first used.
+    """
+
+    denoised: mx.array | None = None
+
+    def __init__(self, pick: Callable[[float], Denoiser]):
+        self.pick = pick
+
+    def steps(self, noise: mx.array, sigmas: mx.array, cross: mx.array, global_cond: mx.array,
+              uncond: mx.array | None, guidance: Guidance, step_noise: StepNoise, local_cond: mx.array | None = None,
+              padding_mask: mx.array | None = None, sampler: str = DISTILLED_DEFAULTS.sampler,
+              dtype: mx.Dtype | None = None) -> Iterator[mx.array]:
+        """As :meth:`Denoiser.steps`."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        velocities: dict[int, Velocity] = {}
+
+        def velocity(x: mx.array, t: mx.array, level: float) -> mx.array:
+            denoiser = self.pick(float(level))
+            if id(denoiser) not in velocities:
+                velocities[id(denoiser)] = denoiser.velocity(noise.shape[0], noise.shape[-1], cross, global_cond,
+                                                             uncond, guidance, local_cond, padding_mask)
+            return velocities[id(denoiser)](x, t, level)
+
+        first = self.pick(float(sigmas[0].item()))
+        x = noise.astype(dtype or first.dit.dtype)
+        yield from SAMPLERS[sampler](_tracking(velocity, self), x, sigmas, step_noise)

@@ -30,6 +30,7 @@ values (zero delta, magnitudes = norms of the original weight), as upstream.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .models.dit import COND_PREFIX
-from .settings import parse_lora_spec
+from .settings import lora_interval, lora_options, parse_lora_spec
 from .weights import WeightError
 
 ADAPTER_TYPES = ("lora", "dora-rows", "dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs")
@@ -310,8 +311,14 @@ def check_fits(loras: Sequence[LoraFile], weights: Mapping) -> None:
             raise LoraError(f"{lora.path}: tensors do not fit the model: " + "; ".join(problems[:5]))
 
 
+def skipped(module: str, globs: Sequence[str]) -> bool:
+    """Whether a layer filter (patterns matched anywhere in the upstream module path) leaves ``module`` out."""
+    return any(fnmatch.fnmatchcase(module, f"*{g}*") for g in globs)
+
+
 def merge(
-    weights: Mapping, loras: Sequence[LoraFile], strengths: Sequence[float], blend_magnitude: bool = False
+    weights: Mapping, loras: Sequence[LoraFile], strengths: Sequence[float], blend_magnitude: bool = False,
+    cond_strengths: Sequence[float | None] | None = None, skips: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, np.ndarray]:
     """The weights with the adapters applied in order; only changed tensors are returned (fp32, base layout).
 
@@ -319,14 +326,21 @@ def merge(
     ``blend_magnitude``: a later upstream revision also moves DoRA/BoRA magnitudes toward
     the base norm for strengths other than 1 (continuous as s -> 0); off by default, as in
     the package the reference adapters were made with (magnitude used as trained).
+    ``cond_strengths``: per file, the strength of its conditioner modules (``conditioners.*``; None = its
+    strength); ``skips``: per file, module patterns where it is left out (a layer filter).
     """
     if len(loras) != len(strengths):
         raise ValueError("one strength per LoRA file is needed")
+    cond_strengths = list(cond_strengths or [None] * len(loras))
+    skips = list(skips or [()] * len(loras))
     check_fits(loras, weights)
     merged = {}
     for key in target_keys(weights):
         module = key_to_module(key)
-        chain = [(lora, s) for lora, s in zip(loras, strengths) if lora.targets(module)]
+        in_cond = module.startswith(COND_ROOT)
+        chain = [(lora, c if in_cond and c is not None else s)
+                 for lora, s, c, skip in zip(loras, strengths, cond_strengths, skips)
+                 if lora.targets(module) and not skipped(module, skip)]
         # Only files with tensors here change anything, unless a normalising adapter follows one that did.
         if not any(module in lora.tensors for lora, _ in chain):
             continue
@@ -347,16 +361,65 @@ class LoraStack:
 
     files: list[LoraFile] = field(default_factory=list)
     strengths: list[float] = field(default_factory=list)
+    # Per file, the noise levels (lo, hi) at which it is active; None = always (merged, no cost).
+    intervals: list[tuple[float, float] | None] = field(default_factory=list)
+    cond_strengths: list[float | None] = field(default_factory=list)  # None: the file's strength
+    skips: list[tuple[str, ...]] = field(default_factory=list)  # layer filters: module patterns left out
+
+    def __post_init__(self):
+        n = len(self.files)
+        self.intervals = list(self.intervals) or [None] * n
+        self.cond_strengths = list(self.cond_strengths) or [None] * n
+        self.skips = list(self.skips) or [()] * n
 
     @classmethod
-    def from_specs(cls, specs: Sequence[str | tuple[str | Path, float]]) -> "LoraStack":
-        """``"FILE"``, ``"FILE:STRENGTH"`` or ``(path, strength)`` entries, in stacking order."""
+    def from_specs(cls, specs: Sequence[str | tuple]) -> "LoraStack":
+        """``"FILE"``, ``"FILE:STRENGTH"``, ``"FILE:STRENGTH@LO-HI"`` or ``(path, strength[, (lo, hi)])``
+        entries, in stacking order."""
         stack = cls()
         for spec in specs:
-            path, strength = parse_spec(spec) if isinstance(spec, str) else (Path(spec[0]), float(spec[1]))
+            options: dict = {}
+            if isinstance(spec, str):
+                path, strength = parse_spec(spec)
+                interval = lora_interval(spec)[1]
+                try:
+                    options = lora_options(spec)[1]
+                except ValueError as e:
+                    raise LoraError(f"{spec}: {e}") from None
+            else:
+                path, strength = Path(spec[0]), float(spec[1])
+                interval = tuple(spec[2]) if len(spec) > 2 and spec[2] is not None else None
+                options = dict(spec[3]) if len(spec) > 3 else {}
+            if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
+                raise LoraError(f"{path}: the active noise levels {interval[0]:g}-{interval[1]:g} need "
+                                "0 <= LO <= HI <= 1")
             stack.files.append(read_lora(path))
             stack.strengths.append(strength)
+            stack.intervals.append(None if interval in (None, (0.0, 1.0)) else (float(interval[0]), float(interval[1])))
+            stack.cond_strengths.append(None if options.get("cond") is None else float(options["cond"]))
+            stack.skips.append(tuple(options.get("skip", ())))
         return stack
+
+    @property
+    def gated(self) -> bool:
+        """Whether some file is active at some noise levels only (then the DiT switches weights per step)."""
+        return any(i is not None for i in self.intervals)
+
+    def active_at(self, level: float) -> frozenset[int]:
+        """The files active at noise level ``level``."""
+        return frozenset(k for k, i in enumerate(self.intervals) if i is None or i[0] <= level <= i[1])
+
+    def subset(self, active: frozenset[int]) -> "LoraStack":
+        """The stack of the ``active`` files alone (always active: what a weight set merges)."""
+        keep = [k for k in range(len(self.files)) if k in active]
+        return LoraStack([self.files[k] for k in keep], [self.strengths[k] for k in keep], [None] * len(keep),
+                         [self.cond_strengths[k] for k in keep], [self.skips[k] for k in keep])
+
+    def specs(self) -> list[str]:
+        """``FILE:STRENGTH[@LO-HI][;cond=S][;skip=GLOB|...]`` per file (what the metadata records)."""
+        return [f"{f.path}:{s!r}" + ("" if i is None else f"@{i[0]!r}-{i[1]!r}")
+                + ("" if c is None else f";cond={c!r}") + ("" if not k else ";skip=" + "|".join(k))
+                for f, s, i, c, k in zip(self.files, self.strengths, self.intervals, self.cond_strengths, self.skips)]
 
     def set_strength(self, strength: float, index: int | None = None) -> None:
         """Strength of every file (``index`` None) or of one, as upstream ``set_lora_strength``."""
@@ -368,12 +431,14 @@ class LoraStack:
     def apply(self, weights: Mapping) -> dict:
         out = dict(weights)
         if self.files:
-            out.update(merge(weights, self.files, self.strengths))
+            out.update(merge(weights, self.files, self.strengths, cond_strengths=self.cond_strengths,
+                             skips=self.skips))
         return out
 
     def describe(self) -> list[dict]:
-        return [dict(file=str(f.path), type=f.adapter_type, rank=f.rank, alpha=f.alpha, strength=s)
-                for f, s in zip(self.files, self.strengths)]
+        return [dict(file=str(f.path), type=f.adapter_type, rank=f.rank, alpha=f.alpha, strength=s,
+                     active=None if i is None else list(i), cond_strength=c, skip=list(k))
+                for f, s, i, c, k in zip(self.files, self.strengths, self.intervals, self.cond_strengths, self.skips)]
 
 
 def parse_spec(spec: str) -> tuple[Path, float]:

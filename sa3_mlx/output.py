@@ -25,6 +25,7 @@ from .audio import (
     TRUE_PEAK_CEILING_DB,
     AudioError,
     check_writable,
+    format_problem,
     normalize_loudness,
     sample_peak,
     to_db,
@@ -32,8 +33,9 @@ from .audio import (
 )
 from .settings import to_metadata
 
-SUFFIX_FORMATS = {".wav": "wav16", ".flac": "flac"}
-UNWRITABLE_SUFFIXES = {".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma"}
+SUFFIX_FORMATS = {".wav": "wav16", ".flac": "flac", ".mp3": "mp3", ".ogg": "ogg", ".opus": "opus"}
+UNWRITABLE_SUFFIXES = {".oga", ".m4a", ".aac", ".aif", ".aiff", ".wma"}
+_SUFFIXES = ", ".join(SUFFIX_FORMATS)
 DEFAULT_FOLDER = Path("output")
 
 
@@ -69,14 +71,18 @@ def resolve_format(fmt: str | None, out: Path | None, folder: Path = DEFAULT_FOL
         raise OutputError(f"--out {out}: not a regular file (give a file name, or a folder to write into)")
     suffix = out.suffix.lower() if out is not None else ""
     if suffix in UNWRITABLE_SUFFIXES:
-        raise OutputError(f"--out {out}: sa3 writes WAV or FLAC; end the name in .wav or .flac (see --format)")
+        raise OutputError(f"--out {out}: sa3 writes WAV, FLAC, MP3, OGG or Opus; end the name in {_SUFFIXES} "
+                          "(see --format)")
     if suffix and suffix not in SUFFIX_FORMATS:
-        raise OutputError(f"--out {out}: unknown suffix {suffix!r}; end the name in .wav or .flac, or leave the "
+        raise OutputError(f"--out {out}: unknown suffix {suffix!r}; end the name in {_SUFFIXES}, or leave the "
                           "suffix out (it is then added)")
     if fmt is None:
-        return SUFFIX_FORMATS.get(suffix, "wav16")
-    if suffix in SUFFIX_FORMATS and FORMATS[fmt][2] != suffix:
+        fmt = SUFFIX_FORMATS.get(suffix, "wav16")
+    elif suffix in SUFFIX_FORMATS and FORMATS[fmt][2] != suffix:
         raise OutputError(f"--out {out} ends in {suffix} but --format {fmt} writes {FORMATS[fmt][2]} files")
+    problem = format_problem(fmt)
+    if problem:
+        raise OutputError(f"--format {problem}")
     return fmt
 
 

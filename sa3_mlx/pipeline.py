@@ -22,13 +22,13 @@ import numpy as np
 from . import codec, kernels
 from .audio import SAMPLE_RATE, read_audio
 from .conditioning import Conditioner, PromptEncoder
-from .denoiser import Denoiser
+from .denoiser import Denoiser, GatedDenoiser
 from .lora import LoraStack
 from .models.dit import DiT
 from .plan import GenerationPlan, inpaint_keep_mask, make_plan
 from .sampling import Guidance, paste_back, seeded_step_noise
 from .settings import DTYPES as DTYPE_CHOICES
-from .settings import MODEL_DEFAULT, GenerationSettings, check_sampler, draw_seed, validate, variation_seed
+from .settings import MODEL_DEFAULT, GenerationSettings, batch_shape, check_sampler, draw_seed, validate, variation_seed
 from .sources import ModelSource, open_source
 
 DTYPES = dict(zip(DTYPE_CHOICES, (mx.float32, mx.float16, mx.bfloat16), strict=True))
@@ -84,11 +84,23 @@ class Step:
 
 
 @dataclass
+class Preview:
+    """After step ``done``: the audio that the clean latents of the latest model evaluation decode to (the
+    samplers run one step ahead: for pingpong, euler and dpmpp, the prediction from the state after step
+    ``done``), first output only, ``[2, samples]``, and the decode's seconds (``Pipeline.run(preview_every=N)``)."""
+
+    done: int
+    total: int
+    audio: np.ndarray
+    seconds: float
+
+
+@dataclass
 class Finished:
     result: GenerationResult
 
 
-Event = StageStarted | StageEnded | Step | Finished
+Event = StageStarted | StageEnded | Step | Preview | Finished
 
 
 def _peak_memory() -> int:
@@ -160,6 +172,7 @@ class Pipeline:
         self._dit: DiT | None = None
         self._conditioner: Conditioner | None = None
         self._denoiser: Denoiser | None = None
+        self._gated: dict[frozenset, Denoiser] = {}  # LoRA gating: one DiT per set of active LoRAs
         self._decoder = None
         self._encoder = None
         self.stages: list[StageStats] = []
@@ -194,7 +207,7 @@ class Pipeline:
 
     @property
     def lora_specs(self) -> list[str]:
-        return [f"{f.path}:{s!r}" for f, s in zip(self.loras.files, self.loras.strengths)]
+        return self.loras.specs()
 
     def fetch(self, encoder: bool = False) -> list[Path]:
         """Make sure every file a run needs is local (downloads before any clock starts)."""
@@ -236,10 +249,25 @@ class Pipeline:
         return self._conditioner
 
     @property
-    def denoiser(self) -> Denoiser:
+    def denoiser(self) -> Denoiser | GatedDenoiser:
+        """The sampler's model: with LoRAs active at some noise levels only (``FILE:S@LO-HI``), a
+        :class:`GatedDenoiser` that runs each step with the DiT of the LoRAs active at its level."""
         if self._denoiser is None:
             self._load_dit()
-        return self._denoiser
+        if not self.loras.gated:
+            return self._denoiser
+        return GatedDenoiser(lambda level: self._gated_denoiser(self.loras.active_at(level)))
+
+    def _gated_denoiser(self, active: frozenset) -> Denoiser:
+        """The DiT (weight set) of the LoRAs in ``active``, merged once and kept while the DiT is loaded."""
+        if active == frozenset(range(len(self.loras.files))):
+            return self._denoiser
+        if active not in self._gated:
+            weights = self.loras.subset(active).apply(self._lora_base)
+            dit, _ = self.source.load_dit(self.dit_dtype, weights)
+            self.kernels.prepare(dit)
+            self._gated[active] = Denoiser(dit, self.compile_steps)
+        return self._gated[active]
 
     @property
     def decoder(self):
@@ -272,6 +300,7 @@ class Pipeline:
                 raise ValueError(f"unknown model part {part!r} (choose from {', '.join(MODEL_PARTS)})")
             if part == "dit":
                 self._dit = self._conditioner = self._denoiser = None  # the denoiser's compiled steps hold the DiT
+                self._gated = {}
             else:
                 setattr(self, f"_{part}", None)
         _free()
@@ -343,20 +372,22 @@ class Pipeline:
         if getattr(self, f"_{part}") is None:
             yield from self._stage(name, lambda: getattr(self, part))
 
-    def run(self, settings: GenerationSettings, init_audio: np.ndarray | None = None) -> Iterator[Event]:
+    def run(self, settings: GenerationSettings, init_audio: np.ndarray | None = None,
+            preview_every: int = 0) -> Iterator[Event]:
         """Generate ``settings.num_outputs`` clips (seeds ``seed``, ``seed + 1``, ...), as events.
 
         ``init_audio`` ([2, samples] at 44.1 kHz) turns this into audio-to-audio; with
         inpaint ranges, or when the init audio is shorter than ``seconds``
         (continuation), only those parts are regenerated and the kept latents are
         pasted back exactly. The last event is :class:`Finished` with the result;
-        closing the generator early stops the run at the next step.
+        closing the generator early stops the run at the next step. ``preview_every`` N > 0: after every
+        N-th step but the last, a :class:`Preview` of what that step predicts (the decoder is loaded for it).
         """
         with kernels.use(self.kernels):
-            result = yield from self._run(self.resolve(settings), init_audio)
+            result = yield from self._run(self.resolve(settings), init_audio, preview_every)
         yield Finished(result)
 
-    def _run(self, s: GenerationSettings, init_audio: np.ndarray | None) -> Iterator[Event]:
+    def _run(self, s: GenerationSettings, init_audio: np.ndarray | None, preview_every: int = 0) -> Iterator[Event]:
         plan = make_plan(s, self.source, self.codec_name, init_audio)
         guidance = guidance_of(s)
         self.stages = []
@@ -367,11 +398,11 @@ class Pipeline:
         yield from self._load_stage(LOAD_TEXT, "text")
 
         def encode_text():
-            embeds, mask = self.encode_text(s.prompt, s.negative_prompt, guidance)
-            mx.eval(embeds, mask)
-            return embeds, mask
+            embeds, mask, weights = self.encode_text(s.prompt, s.negative_prompt, guidance)
+            mx.eval(embeds, mask, *([] if weights is None else [weights]))
+            return embeds, mask, weights
 
-        embeds, mask = yield from self._stage(TEXT_ENCODING, encode_text)
+        embeds, mask, weights = yield from self._stage(TEXT_ENCODING, encode_text)
         if s.free_models:
             self.free("text")
         yield from self._load_stage(LOAD_DIT, "dit")
@@ -394,7 +425,7 @@ class Pipeline:
         yield StageStarted(SAMPLING)
         t0 = time.perf_counter()
         cross, global_cond, uncond = self.build_conditioning(embeds, mask, s.seconds, guidance,
-                                                             s.negative_prompt is not None)
+                                                             s.negative_prompt is not None, weights)
         noise, step_noise = self.draw_noise([s.variation_seed(i) for i in range(s.num_outputs)], n_lat)
         local_cond = keep = None
         if init_latents is not None and plan.inpaint:
@@ -409,10 +440,13 @@ class Pipeline:
             padding_mask = (mx.arange(n_lat) < plan.valid_latents)[None, :]
         sigmas = mx.array(plan.sigmas, dtype=mx.float32)
         latents = None
-        states = self.denoiser.steps(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond,
-                                     padding_mask, s.sampler, self.dit_dtype)
+        denoiser = self.denoiser
+        states = denoiser.steps(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond,
+                                padding_mask, s.sampler, self.dit_dtype)
         for i, latents in enumerate(states, start=1):
             yield Step(i, s.steps)
+            if preview_every > 0 and i % preview_every == 0 and i < s.steps and denoiser.denoised is not None:
+                yield self._preview(i, s.steps, denoiser.denoised[:1], s.seconds)
         if keep is not None:
             latents = paste_back(latents, init_latents, keep)
         latents = latents.astype(mx.float32)
@@ -480,27 +514,134 @@ class Pipeline:
                 result = event.result
         return result
 
+    def _preview(self, done: int, total: int, denoised: mx.array, seconds: float) -> Preview:
+        t0 = time.perf_counter()
+        latents = denoised.astype(mx.float32)
+        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+        audio = np.array(audio[0, :, :int(round(seconds * SAMPLE_RATE))])
+        return Preview(done, total, audio, time.perf_counter() - t0)
+
+    def generate_many(self, items: Sequence[GenerationSettings]) -> list[GenerationResult]:
+        """Several text-to-audio requests of one settings shape (:func:`sa3_mlx.settings.batch_shape`:
+        they differ only in prompt, negative prompt, seed, number of outputs and output format) in one
+        batched sampling and decoding: each item's output i equals its own run with seed + i, up to the
+        rounding of batched matmuls. One item (or one with audio input) is :meth:`generate`."""
+        items = [self.resolve(s) for s in items]
+        if not items:
+            return []
+        if len(items) == 1:
+            return [self.generate(settings=items[0])]
+        if any(s.init_audio is not None for s in items):
+            raise ValueError("generate_many batches text-to-audio only; run items with audio input one by one")
+        if len({batch_shape(s) for s in items}) > 1:
+            raise ValueError("generate_many needs items of one settings shape (see settings.batch_shape)")
+        with kernels.use(self.kernels):
+            return self._run_many(items)
+
+    def _run_many(self, items: list[GenerationSettings]) -> list[GenerationResult]:
+        def drain(stage):
+            try:
+                while True:
+                    next(stage)
+            except StopIteration as done:
+                return done.value
+
+        first = items[0]
+        plan = make_plan(first, self.source, self.codec_name, None)
+        guidance = guidance_of(first)
+        self.stages = []
+        mx.reset_peak_memory()
+        drain(self._load_stage(LOAD_TEXT, "text"))
+
+        def encode_text():
+            encoded = [self.encode_text(s.prompt, s.negative_prompt, guidance) for s in items]
+            mx.eval([a for e in encoded for a in e if a is not None])
+            return encoded
+
+        encoded = drain(self._stage(TEXT_ENCODING, encode_text))
+        if first.free_models:
+            self.free("text")
+        drain(self._load_stage(LOAD_DIT, "dit"))
+        self._check_widths(text_width=encoded[0][0].shape[-1])
+        n_lat = plan.latents
+
+        t0 = time.perf_counter()
+        parts = [self.build_conditioning(embeds, mask, s.seconds, guidance, s.negative_prompt is not None, weights)
+                 for (embeds, mask, weights), s in zip(encoded, items)]
+
+        def rows(index: int) -> mx.array:
+            return mx.concatenate([mx.broadcast_to(p[index], (s.num_outputs, *p[index].shape[1:]))
+                                   for p, s in zip(parts, items)])
+
+        cross, global_cond = rows(0), rows(1)
+        uncond = rows(2) if guidance.enabled else None
+        seeds = [s.variation_seed(i) for s in items for i in range(s.num_outputs)]
+        noise, step_noise = self.draw_noise(seeds, n_lat)
+        padding_mask = None
+        if plan.valid_latents is not None and plan.valid_latents < n_lat:
+            padding_mask = (mx.arange(n_lat) < plan.valid_latents)[None, :]
+        sigmas = mx.array(plan.sigmas, dtype=mx.float32)
+        latents = None
+        for latents in self.denoiser.steps(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, None,
+                                           padding_mask, first.sampler, self.dit_dtype):
+            pass
+        latents = latents.astype(mx.float32)
+        mx.eval(latents)
+        if not mx.isfinite(latents).all().item():
+            raise ValueError(f"sampling gave NaN or infinite latents: the DiT weights of {self.model_name} "
+                             "hold non-finite values, or a setting overflows them (try --dit-dtype fp32)")
+        self.stages.append(StageStats(SAMPLING, time.perf_counter() - t0, _peak_memory()))
+        mx.reset_peak_memory()
+        if first.free_models:
+            self.free("dit")
+        drain(self._load_stage(LOAD_DECODER, "decoder"))
+
+        def decode():
+            audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+            mx.eval(audio)
+            return audio
+
+        audio = drain(self._stage(DECODING, decode))
+        if first.free_models:
+            self.free("decoder")
+        audio_np = np.array(audio[..., :int(round(first.seconds * SAMPLE_RATE))])
+        if plan.valid_latents is not None:
+            audio_np[..., plan.valid_latents * codec.SAMPLES_PER_LATENT:] = 0
+        latents_np = np.array(latents)
+        results, start = [], 0
+        for s in items:
+            end = start + s.num_outputs
+            results.append(GenerationResult(audio_np[start:end], SAMPLE_RATE, s.replace(init_noise_level=plan.init_noise_level),
+                                            plan, latents_np[start:end], list(self.stages), self.codec_name))
+            start = end
+        return results
+
     def conditioning(
         self, prompt: str, negative_prompt: str | None, seconds: float, guidance: Guidance
     ) -> tuple[mx.array, mx.array, mx.array | None]:
         """``(cross_attn_cond [1,S+1,C], global_cond [1,C], uncond_cross_attn or None)``."""
-        embeds, mask = self.encode_text(prompt, negative_prompt, guidance)
-        return self.build_conditioning(embeds, mask, seconds, guidance, negative_prompt is not None)
+        embeds, mask, weights = self.encode_text(prompt, negative_prompt, guidance)
+        return self.build_conditioning(embeds, mask, seconds, guidance, negative_prompt is not None, weights)
 
-    def encode_text(self, prompt: str, negative_prompt: str | None, guidance: Guidance) -> tuple[mx.array, mx.array]:
-        """T5Gemma embeddings and mask of the prompt (and the negative prompt when guidance uses it)."""
+    def encode_text(self, prompt: str, negative_prompt: str | None,
+                    guidance: Guidance) -> tuple[mx.array, mx.array, mx.array | None]:
+        """T5Gemma embeddings, mask and prompt-weighting weights (None: no weights) of the prompt (and
+        the negative prompt when guidance uses it)."""
         prompts = [prompt] + ([negative_prompt] if guidance.enabled and negative_prompt is not None else [])
-        return self.text.encode(prompts)
+        return self.text.encode_weighted(prompts)
 
     def build_conditioning(self, embeds: mx.array, mask: mx.array, seconds: float, guidance: Guidance,
-                           negative: bool) -> tuple[mx.array, mx.array, mx.array | None]:
+                           negative: bool, weights: mx.array | None = None
+                           ) -> tuple[mx.array, mx.array, mx.array | None]:
         """The DiT's inputs from :meth:`encode_text`'s output (the conditioner is part of the DiT file)."""
-        cross, global_cond = self.conditioner.build(embeds[:1], mask[:1], [seconds])
+        pick = (lambda rows: None) if weights is None else (lambda rows: weights[rows])
+        cross, global_cond = self.conditioner.build(embeds[:1], mask[:1], [seconds], weights=pick(slice(0, 1)))
         uncond = None
         if guidance.enabled:
             if negative:
                 # Upstream zeroes the negative prompt's pad positions (not the learned embedding).
-                uncond, _ = self.conditioner.build(embeds[1:], mask[1:], [seconds], padding="zeros")
+                uncond, _ = self.conditioner.build(embeds[1:], mask[1:], [seconds], padding="zeros",
+                                                   weights=pick(slice(1, None)))
             else:
                 uncond = mx.zeros_like(cross)  # upstream's null condition: every token zero
         return cross, global_cond, uncond
@@ -521,6 +662,23 @@ class Pipeline:
 
         return noise, step_noise
 
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        """The codec alone: ``[2, samples]`` audio at 44.1 kHz -> ``[256, ceil(samples / 4096)]`` float32
+        latents, the audio completed with silence to a whole latent (``sa3 encode-audio``)."""
+        audio = np.asarray(audio, dtype=np.float32)
+        n_lat = max(1, -(-audio.shape[1] // codec.SAMPLES_PER_LATENT))
+        latents = self.encode_init(audio, n_lat)
+        mx.eval(latents)
+        return np.array(latents[0])
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        """The codec alone: ``[256, T]`` latents -> ``[2, 4096 T]`` float32 audio, the exact chunked decode
+        a generation uses (``sa3 decode-latents``)."""
+        latents = mx.array(np.asarray(latents, dtype=np.float32)[None])
+        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+        mx.eval(audio)
+        return np.array(audio[0])
+
     def encode_init(self, audio: np.ndarray, n_lat: int) -> mx.array:
         """Encode [2, samples] init audio to ``[1, 256, n_lat]`` latents, trimmed or padded with
         silence to the latent grid."""
@@ -531,5 +689,5 @@ class Pipeline:
         return latents[..., :n_lat]
 
 
-__all__ = ["Pipeline", "GenerationResult", "StageStats", "StageStarted", "StageEnded", "Step", "Finished",
+__all__ = ["Pipeline", "GenerationResult", "StageStats", "StageStarted", "StageEnded", "Step", "Preview", "Finished",
            "Event", "STAGES", "variation_seed"]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import hub
+from . import hub, prompt_weights
 from .audio import FORMATS, MIN_LOUDNESS_SECONDS
 
 MAX_SECONDS = 384.0  # the seconds conditioner's range; beyond it the duration embedding saturates
@@ -115,6 +115,7 @@ class Field:
     max_items: int | None = None
     max_chars: int | None = None
     nullable: bool = True  # None (JSON null) means "the default"
+    weighted: bool = False  # text that may hold (phrase:weight) groups (sa3_mlx.prompt_weights)
 
     @property
     def cli_flag(self) -> str:
@@ -140,9 +141,12 @@ class Field:
 
 FIELDS: tuple[Field, ...] = (
     Field("prompt", "text", required=True, group="what to generate", max_chars=MAX_PROMPT_CHARS, nullable=False,
-          help='what to generate ("" = unconditional; asked for on the command line when omitted)'),
-    Field("negative_prompt", "text", group="what to generate", max_chars=MAX_PROMPT_CHARS,
-          help="what to steer away from (used when cfg is not 1)"),
+          weighted=True,
+          help='what to generate ("" = unconditional; asked for on the command line when omitted); '
+               '(phrase:W) weights a phrase, W in [-10, 10] (1 = as written, 0 = empty, >1 = stronger); '
+               r'\( and \) are literal parentheses'),
+    Field("negative_prompt", "text", group="what to generate", max_chars=MAX_PROMPT_CHARS, weighted=True,
+          help="what to steer away from (used when cfg is not 1); takes (phrase:W) weights as the prompt"),
     Field("seconds", "float", 30.0, minimum=0.0, maximum=MAX_SECONDS, exclusive_minimum=True,
           group="what to generate", nullable=False, help=f"length in seconds (default 30, at most {MAX_SECONDS:g})"),
     Field("num_outputs", "int", 1, minimum=1, maximum=16, metavar="N", group="what to generate", nullable=False,
@@ -154,10 +158,14 @@ FIELDS: tuple[Field, ...] = (
           help="an original PyTorch release instead of --dit: a Hugging Face repo "
                "(stabilityai/stable-audio-3-{small-music,small-sfx,medium}[-base]) or a local folder with "
                "model_config.json (or one written by sa3 convert)"),
-    Field("loras", "loras", (), fronts=("cli",), flag="--lora", metavar="FILE[:STRENGTH]", group="model",
+    Field("loras", "loras", (), fronts=("cli",), flag="--lora", metavar="FILE[:STRENGTH][@LO-HI][;OPTION...]",
+          group="model",
           minimum=-MAX_LORA_STRENGTH, maximum=MAX_LORA_STRENGTH, max_items=16,
           help="LoRA/DoRA adapter (upstream .safetensors) merged into the DiT, strength default 1 "
-               f"(|strength| <= {MAX_LORA_STRENGTH:g}); repeatable, stacked in the order given"),
+               f"(|strength| <= {MAX_LORA_STRENGTH:g}); @LO-HI: active only at noise levels sigma in [LO, HI] "
+               "(0 <= LO <= HI <= 1; e.g. @0.4-1 for the early steps); options ;cond=S (the conditioner's own "
+               "strength) and ;skip=GLOB|GLOB (modules left out, e.g. ;skip=layers.0.|layers.1.); repeatable, "
+               "stacked in the order given"),
     Field("decoder", "choice", choices=tuple(hub.CODECS), group="model",
           help="audio codec (default: the generator's own; another one works, with a warning)"),
     Field("dit_dtype", "choice", choices=DTYPES, group="model",
@@ -206,7 +214,9 @@ FIELDS: tuple[Field, ...] = (
           max_items=MAX_INPAINT_RANGES,
           help="seconds to regenerate, the rest is kept exactly (repeatable; needs init audio)"),
     Field("format", "choice", choices=tuple(FORMATS), group="output",
-          help="wav16 (default; flac for a .flac --out), wav24, wav32f (32-bit float) or flac"),
+          help="wav16 (default; else the format an --out name's suffix says), wav24, wav32f (32-bit float), flac, "
+               "mp3 (320 kbps CBR, settings in the ID3 comment), ogg (Vorbis) or opus (48 kHz), where the local "
+               "libsndfile encodes them"),
     Field("loudness", "float", minimum=LOUDNESS_RANGE[0], maximum=LOUDNESS_RANGE[1], exclusive_maximum=True,
           metavar="LUFS", group="output",
           help="normalise to this integrated loudness (ITU-R BS.1770, e.g. -14) with a -1 dBTP true-peak "
@@ -243,6 +253,16 @@ GenerationSettings = dataclasses.make_dataclass(
 GenerationSettings.__module__ = __name__
 
 
+# What may differ between the items of one batched run (``Pipeline.generate_many``): the rest, the
+# "settings shape", must be equal (the same model, length, schedule, guidance; no audio input).
+BATCH_VARYING = ("prompt", "negative_prompt", "seed", "num_outputs", "format", "loudness")
+
+
+def batch_shape(s) -> tuple:
+    """The settings that items of one batched run share (every field but :data:`BATCH_VARYING`)."""
+    return tuple((f.name, getattr(s, f.name)) for f in FIELDS if f.name not in BATCH_VARYING)
+
+
 def variation_seed(seed: int, index: int) -> int:
     """The seed of variation ``index``: ``seed + index``, wrapped into ``0..MAX_SEED``."""
     return (seed + index) % (MAX_SEED + 1)
@@ -266,6 +286,11 @@ def check_text(field: Field, value: str) -> str:
         raise _fail(field, "is not valid UTF-8 text") from None
     if field.max_chars is not None and len(value) > field.max_chars:
         raise _fail(field, f"is {len(value)} characters; at most {field.max_chars} are accepted")
+    if field.weighted:
+        try:
+            prompt_weights.parse(value)
+        except prompt_weights.PromptSyntaxError as e:
+            raise _fail(field, str(e)) from None
     return value
 
 
@@ -374,8 +399,53 @@ def check_sampler(sampler: str, objective: str, model: str) -> None:
                                        f"{choices}")
 
 
+_LORA_INTERVAL = re.compile(r"@([0-9.eE+-]+)-([0-9.eE+-]+)$")
+
+
+def lora_options(text: str) -> tuple[str, dict]:
+    """``SPEC;cond=S;skip=GLOB|GLOB`` -> (SPEC, {"cond": S, "skip": (GLOB, ...)}): the conditioner's own
+    strength and the modules (upstream paths, matched anywhere: ``layers.1.`` matches one block) where the
+    adapter is left out. Raises ValueError with the reason for a malformed option."""
+    head, sep, tail = text.partition(";")
+    options: dict = {}
+    if not sep:
+        return text, options
+    for item in tail.split(";"):
+        key, eq, value = item.partition("=")
+        if key not in ("cond", "skip") or not eq or not value:
+            raise ValueError(f"options after ';' are cond=STRENGTH and skip=GLOB[|GLOB...] (got {item!r})")
+        if key in options:
+            raise ValueError(f"{key} is given twice")
+        if key == "cond":
+            try:
+                options["cond"] = float(value)
+            except ValueError:
+                raise ValueError(f"cond expects a number (got {value!r})") from None
+        else:
+            globs = tuple(value.split("|"))
+            if not all(globs):
+                raise ValueError(f"skip has an empty pattern (got {value!r})")
+            options["skip"] = globs
+    return head, options
+
+
+def lora_interval(text: str) -> tuple[str, tuple[float, float] | None]:
+    """``SPEC@LO-HI`` -> (SPEC, (LO, HI)): the noise levels at which a LoRA is active; (SPEC, None) when the
+    spec ends in no interval (always active)."""
+    text = text.partition(";")[0]
+    m = _LORA_INTERVAL.search(text)
+    if not m:
+        return text, None
+    try:
+        return text[:m.start()], (float(m.group(1)), float(m.group(2)))
+    except ValueError:
+        return text, None
+
+
 def parse_lora_spec(text: str) -> tuple[str, float]:
-    """``FILE[:STRENGTH]``: the strength is the text after the last colon when it is a number."""
+    """``FILE[:STRENGTH][@LO-HI]``: the strength is the text after the last colon when it is a number
+    (the interval, see :func:`lora_interval`, is left out here)."""
+    text, _ = lora_interval(text)
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
@@ -536,6 +606,19 @@ def _check_value(field: Field, value, bounds: Mapping | None) -> Any:
             if not math.isfinite(strength) or abs(strength) > field.maximum:
                 raise SettingsError(field.name, "{" + field.name + "} " + f"{spec}: the strength must be a finite "
                                     f"number in [{field.minimum:g}, {field.maximum:g}]")
+            try:
+                _, options = lora_options(spec)
+            except ValueError as e:
+                raise SettingsError(field.name, "{" + field.name + "} " + f"{spec}: {e}") from None
+            cond = options.get("cond")
+            if cond is not None and (not math.isfinite(cond) or abs(cond) > field.maximum):
+                raise SettingsError(field.name, "{" + field.name + "} " + f"{spec}: the cond strength must be a "
+                                    f"finite number in [{field.minimum:g}, {field.maximum:g}]")
+            _, interval = lora_interval(spec)
+            if interval is not None and not (math.isfinite(interval[0]) and math.isfinite(interval[1])
+                                             and 0.0 <= interval[0] <= interval[1] <= 1.0):
+                raise SettingsError(field.name, "{" + field.name + "} " + f"{spec}: the noise levels after '@' "
+                                    "need 0 <= LO <= HI <= 1")
     return value
 
 

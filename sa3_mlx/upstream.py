@@ -590,6 +590,14 @@ class HFTokenizer:
             return self._tokenizer.encode(prompt, add_special_tokens=False).ids
         return self._sp.Encode(prompt)
 
+    def count(self, text: str) -> int:
+        """The number of content tokens (no special tokens) of ``text``: prompt weighting's token offsets."""
+        return len(self._pieces(text))
+
+    def special_tokens(self) -> tuple[int, int]:
+        """The special tokens :meth:`encode` puts before and after a prompt's own tokens."""
+        return int(self.add_bos), int(self.add_eos)
+
     def encode(self, prompts: list[str], max_length: int) -> tuple[mx.array, mx.array]:
         """Ids and mask (1 = real token), int32 ``[len(prompts), max_length]``."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):

@@ -7,6 +7,8 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from sa3_mlx import audio as audio_module
+
 from sa3_mlx.audio import (
     SAMPLE_RATE,
     AudioError,
@@ -120,6 +122,41 @@ def test_write_formats_with_metadata(tmp_path, fmt, subtype, container):
         assert np.abs(data).max() <= 1.0  # integer formats clip (the CLI warns first)
         np.testing.assert_allclose(data[:, 1], audio[1], atol=1e-4)
     assert list(tmp_path.iterdir()) == [path]  # no temporary left beside it
+
+
+@pytest.mark.parametrize("fmt, subtype, container, rate", [("mp3", "MPEG_LAYER_III", "MP3", SAMPLE_RATE),
+                                                           ("ogg", "VORBIS", "OGG", SAMPLE_RATE),
+                                                           ("opus", "OPUS", "OGG", 48000)])
+def test_write_lossy_formats_with_metadata(tmp_path, fmt, subtype, container, rate):
+    """MP3 (the settings in the ID3v2 comment, ASCII JSON so that any text survives), OGG/Vorbis and Opus (48 kHz)."""
+    assert audio_module.format_problem(fmt) is None, "this libsndfile should encode " + fmt
+    audio = np.stack([sine(220.0, 0.5, SAMPLE_RATE, 1.5), sine(330.0, 0.5, SAMPLE_RATE, 0.25)])
+    meta = {"prompt": "glass ☂ shattering (é:1.5)", "seed": 7, "inpaint": [[1.0, 2.5]], "version": "0.1.0"}
+    path = write_audio(tmp_path / f"out{audio_module.FORMATS[fmt][2]}", audio, SAMPLE_RATE, fmt, meta)
+    info = sf.info(str(path))
+    assert (info.format, info.subtype, info.samplerate, info.channels) == (container, subtype, rate, 2)
+    assert read_metadata(path) == meta
+    if fmt == "mp3":
+        head = path.read_bytes()[:4096]
+        assert head.startswith(b"ID3") and b"COMM" in head and b'"sa3-mlx"' in head
+        assert info.frames == audio.shape[1]
+    back = read_audio(path)  # resampled to 44.1 kHz where the file is not
+    assert back.shape[0] == 2 and abs(back.shape[1] - audio.shape[1]) <= 0.1 * SAMPLE_RATE
+    # A lossy copy of the tone: its level is the tone's (within a dB).
+    n = min(back.shape[1], audio.shape[1])
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x[:, n // 4:n - n // 4]))))  # noqa: E731
+    assert abs(20 * np.log10(rms(back) / rms(np.clip(audio, -1, 1)))) < 1.0  # lossy formats clip too
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_format_the_local_libsndfile_lacks_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sf, "available_subtypes", lambda container=None: {})
+    problem = audio_module.format_problem("mp3")
+    assert problem.startswith("mp3 output needs a libsndfile that encodes MP3/MPEG_LAYER_III; this one (")
+    assert "1.1 or later" in problem
+    with pytest.raises(AudioError, match="mp3 output needs"):
+        write_audio(tmp_path / "x.mp3", np.zeros((2, 100), np.float32), SAMPLE_RATE, "mp3", None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_never_replaces_silently_and_is_all_or_nothing(tmp_path):

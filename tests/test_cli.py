@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sa3_mlx import codec, hub
+from sa3_mlx import codec, hub, output
 from sa3_mlx.audio import SAMPLE_RATE, integrated_loudness, read_audio, read_metadata, to_db, true_peak
 from sa3_mlx.commands import main
 from sa3_mlx.cli.generate import build_parser
@@ -219,6 +219,10 @@ def test_a_decoder_other_than_the_dits_own_runs_with_a_warning(generate, work):
         (["--format", "wav32f"], "x.wav", "FLOAT"),
         (["--format", "flac"], "x.flac", "PCM_24"),
         (["--out", "song.flac"], "song.flac", "PCM_24"),  # the format follows the file name
+        (["--format", "mp3"], "x.mp3", "MPEG_LAYER_III"),
+        (["--out", "song.mp3"], "song.mp3", "MPEG_LAYER_III"),
+        (["--format", "ogg"], "x.ogg", "VORBIS"),
+        (["--out", "song.opus"], "song.opus", "OPUS"),
     ],
 )
 def test_output_formats(generate, work, args, name, subtype):
@@ -227,8 +231,35 @@ def test_output_formats(generate, work, args, name, subtype):
     path = work / "output" / (name if "--out" in args else "x_1" + Path(name).suffix)
     assert out.strip() == str(path.relative_to(work))
     info = sf.info(str(path))
-    assert (info.subtype, info.channels, info.samplerate) == (subtype, 2, SAMPLE_RATE)
-    assert read_metadata(path)["prompt"] == "x"
+    assert (info.subtype, info.channels, info.samplerate) == (subtype, 2, 48000 if subtype == "OPUS" else SAMPLE_RATE)
+    meta = read_metadata(path)
+    assert meta["prompt"] == "x"
+    assert meta["format"] == (args[1] if "--format" in args else output.SUFFIX_FORMATS[path.suffix])
+
+
+def test_a_format_the_local_libsndfile_lacks_is_one_error_before_generating(generate, work, monkeypatch):
+    monkeypatch.setattr(sf, "available_subtypes", lambda container=None: {"PCM_16": "", "PCM_24": "", "FLOAT": ""})
+    for args in (["--format", "mp3"], ["--out", "a.opus"]):
+        code, out, err = generate("--prompt", "x", *args)
+        line = one_error_line(err)
+        assert code == 2 and out == "" and line.startswith("error: --format ")
+        assert "output needs a libsndfile that encodes" in line and not (work / "output").exists()
+
+
+def test_mp3_metadata_reproduces_the_run(generate, sa3, work):
+    """The settings in the MP3's ID3 comment give back the command, which writes the same MP3 again."""
+    code, out, err = generate("--prompt", "déjà vu (tape hiss:0.5), 日本", "--format", "mp3", "--seed", "4")
+    assert code == 0, err
+    path = work / out.strip()
+    meta = read_metadata(path)
+    assert (meta["prompt"], meta["format"], meta["seed"]) == ("déjà vu (tape hiss:0.5), 日本", "mp3", 4)
+    code, info, _ = sa3("info", path)
+    assert code == 0
+    command = next(line for line in info.splitlines() if line.strip().startswith("command ")).split("command", 1)[1]
+    assert "--format mp3" in command
+    words = shlex.split(command)[1:]
+    assert generate(*words, "--out", "again.mp3")[0] == 0
+    np.testing.assert_array_equal(read(work / "output" / "again.mp3"), read(path))
 
 
 def test_loudness_and_json_summary(generate, work):
@@ -431,8 +462,9 @@ def test_full_disk_is_one_error_and_leaves_nothing(bundle, work):
         (["--dit", "large"], "--dit"),
         (["--decoder", "same-xl"], "--decoder"),
         (["--dit-dtype", "fp8"], "--dit-dtype"),
-        (["--format", "mp3"], "--format"),
-        (["--out", "song.mp3"], "--out"),
+        (["--format", "aac"], "--format"),
+        (["--out", "song.m4a"], "--out"),
+        (["--out", "song.mp3", "--format", "ogg"], "--format"),
         (["--out", "song.wav", "--format", "flac"], "--format"),
         (["--loudness", "3"], "--loudness"),
         (["--loudness", "-14", "--seconds", "0.2"], "--loudness"),

@@ -110,6 +110,21 @@ def test_generate_streams_progress_and_serves_audio_and_metadata(server, bundle)
     assert meta["levels"]["peak_dbfs"] == pytest.approx(20 * np.log10(np.abs(expected).max()), abs=0.01)
 
 
+def test_a_weighted_prompt_as_mp3_is_served_with_its_id3_settings(server):
+    job = server.submit(prompt="warm (tape hiss:0.5) pad", seed=5, format="mp3", **FAST)
+    done = server.wait(job["id"])
+    assert done["status"] == "done", done
+    status, headers, data = server.request("GET", done["outputs"][0]["url"])
+    assert status == 200 and headers["content-type"] == "audio/mpeg" and data.startswith(b"ID3")
+    assert f'filename="{job["id"]}_1.mp3"' in headers["content-disposition"]
+    status, meta = server.json("GET", done["outputs"][0]["metadata_url"])
+    assert status == 200 and meta["metadata"]["prompt"] == "warm (tape hiss:0.5) pad"
+    assert meta["metadata"]["format"] == "mp3"
+    status, error = server.json("POST", "/api/jobs", {"prompt": "warm (tape hiss:x) pad"})
+    assert status == 400 and error["error"] == ("prompt (tape hiss:x): the weight 'x' is not a number such as 1.3 "
+                                                "or -0.5")
+
+
 def test_polling_shows_the_queue_then_the_result(server):
     first = server.submit(prompt="rain", **SLOW)
     second = server.submit(prompt="thunder", seed=3, **FAST)
@@ -167,7 +182,7 @@ def test_audio_to_audio_and_inpainting_from_an_upload_and_a_past_result(server):
     ({"prompt": "x", "cfg": 1e300}, "cfg must be in [0, 50]"),
     ({"prompt": "x", "apg": 1.5}, "apg must be in [0, 1]"),
     ({"prompt": "x", "model": "huge"}, "model must be one of sm-music, sm-sfx, medium"),
-    ({"prompt": "x", "format": "mp3"}, "format must be one of wav16"),
+    ({"prompt": "x", "format": "aac"}, "format must be one of wav16"),
     ({"prompt": "x", "loudness": 3}, "loudness must be in [-70, 0)"),
     ({"prompt": "x", "init_noise_level": 0.001}, "init_noise_level must be in [0.01, 1]"),
     ({"prompt": "x", "inpaint": [[1, 2]]}, "inpaint needs init_audio"),
@@ -373,3 +388,48 @@ def test_load_50_concurrent_submissions_from_another_process(bundle, tmp_path):
         assert studio.json("GET", "/api/health")[1]["status"] == "ok"
     finally:
         assert studio.stop() == 0
+
+
+def test_a_prompt_list_queues_one_job_per_item(server):
+    text = "\n".join([json.dumps({"prompt": "rain", "seed": 3}), "# a comment",
+                      json.dumps({"prompt": "(thunder:1.5) far", "seconds": 2, "id": "ignored"})])
+    status, answer = server.json("POST", "/api/prompt-lists", {"text": text, "defaults": {"seconds": 1.5, "steps": 2}})
+    assert status == 202, answer
+    jobs = answer["jobs"]
+    assert [j["settings"]["prompt"] for j in jobs] == ["rain", "(thunder:1.5) far"]
+    done = [server.wait(j["id"]) for j in jobs]
+    assert [d["status"] for d in done] == ["done", "done"]
+    assert [(d["settings"]["seconds"], d["settings"]["steps"]) for d in done] == [(1.5, 2), (2.0, 2)]
+    assert done[0]["settings"]["seed"] == 3
+
+    bad = "\n".join(["plain prompt one", "warm (pad", "fine"])
+    status, answer = server.json("POST", "/api/prompt-lists", {"text": bad, "defaults": {"steps": 2000}})
+    assert status == 400
+    assert answer["error"].startswith("3 bad lines in the prompt list: line 1: steps must be in [1, ")
+    assert "line 2: prompt has an unbalanced '(' at character 6" in answer["error"]
+    for body, words in (({"text": "# nothing"}, "the prompt list holds no prompts"),
+                        ({"text": '{"prompt": "x", "release": "/etc"}'}, "line 1: unknown setting 'release'"),
+                        ({"text": "x", "extra": 1}, 'must be {"text"'),
+                        ({"text": "x", "defaults": []}, "defaults must be a JSON object")):
+        status, answer = server.json("POST", "/api/prompt-lists", body)
+        assert status == 400 and words in answer["error"], answer
+
+
+def test_live_previews_and_result_spectrograms(server):
+    """The server previews every 4 steps (its default): the job's state carries the latest one while it samples."""
+    import base64
+
+    job = server.submit(prompt="rain", seconds=8, steps=40, seed=1)
+    states = events(server, job["id"])
+    previews = [s["preview"] for s in states if s.get("preview")]
+    assert previews and all(p["step"] % 4 == 0 and p["step"] < 40 and p["steps"] == 40 for p in previews)
+    assert all(s["step"] >= s["preview"]["step"] for s in states if s.get("preview"))
+    spec = previews[0]["spectrogram"]
+    assert (spec["width"], spec["height"]) == (160, 48) and len(base64.b64decode(spec["data"])) == 160 * 48
+    assert previews[0]["seconds"] > 0
+    final = states[-1]
+    assert final["status"] == "done"
+    out = final["outputs"][0]["spectrogram"]
+    assert len(base64.b64decode(out["data"])) == out["width"] * out["height"]
+    status, listed = server.json("GET", "/api/jobs")
+    assert status == 200 and listed["jobs"][0]["outputs"][0]["spectrogram"] == out  # kept in the history

@@ -100,6 +100,14 @@ def wave_pixels(png: bytes) -> int:
     return int((np.abs(pixels - np.array(WAVE_RGB)).max(axis=-1) <= 24).sum())
 
 
+def bright_pixels(png: bytes) -> int:
+    """How many pixels of a screenshot are lit (a drawn spectrogram's cells are not black)."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return int((pixels.max(axis=-1) > 60).sum())
+
+
 def test_generate_inpaint_and_history_in_chromium(browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -163,6 +171,11 @@ def test_generate_inpaint_and_history_in_chromium(browser, tmp_path):
             driver.find_element(By.ID, field).send_keys(value)
         driver.find_element(By.ID, "generate").click()
         wait(lambda: "sampling: step" in driver.find_element(By.ID, "stage").text, what="sampling progress")
+        # The live preview: the spectrogram of what the latest step predicts, every 4 steps (the server's default).
+        wait(lambda: driver.find_element(By.ID, "preview-box").is_displayed()
+             and re.fullmatch(r"preview at step \d*[048]/100", driver.find_element(By.ID, "preview-label").text),
+             what="a live preview", driver=driver)
+        assert bright_pixels(driver.find_element(By.ID, "preview").screenshot_as_png) > 100
         driver.find_element(By.ID, "cancel").click()
         wait(lambda: driver.find_element(By.ID, "message").text == "Cancelled.", what="the cancellation")
         assert jobs(driver)[0].get_attribute("data-status") == "cancelled"
@@ -224,5 +237,119 @@ def test_page_with_an_api_key_off_loopback(browser, tmp_path):
             "audio.addEventListener('loadedmetadata', () => done(audio.duration));"
             "audio.addEventListener('error', () => done(-1)); audio.load();", audio)
         assert duration == pytest.approx(1.0, abs=0.01)
+    finally:
+        assert studio.stop() == 0
+
+
+def test_sampling_and_guidance_controls_from_the_options(browser, tmp_path):
+    """The form's sampler, CFG rescale, norm threshold, interval, shift and headroom come from /api/options'
+    fields, reach the job, show in its summary, come back with "Reuse settings"; prompt weighting is
+    explained, and a bad weight is the server's message."""
+    import json
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver = browser
+    studio = StudioProcess(tmp_path / "out", build_tiny_bundle(tmp_path / "bundle"))
+    try:
+        open_page(driver, studio)
+        with urllib.request.urlopen(studio.url + "api/options") as answer:
+            fields = {f["name"]: f for f in json.load(answer)["fields"]}
+        help_text = driver.find_element(By.ID, "weighting-help").text
+        assert "(phrase:1.3)" in help_text and "\\(" in help_text
+        assert "(phrase:W)" in driver.find_element(By.ID, "prompt").get_attribute("title")
+
+        driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+        sampler = Select(driver.find_element(By.ID, "sampler"))
+        assert [o.get_attribute("value") for o in sampler.options] == ["", *fields["sampler"]["choices"]]
+        for name in ("cfg_rescale", "cfg_norm_threshold", "headroom"):
+            element = driver.find_element(By.ID, name)
+            assert float(element.get_attribute("max")) == fields[name]["maximum"]
+            assert float(element.get_attribute("value")) == fields[name]["default"]
+            assert element.find_element(By.XPATH, "..").get_attribute("title") == fields[name]["help"]
+        assert [driver.find_element(By.ID, f"cfg_interval_{x}").get_attribute("value") for x in ("lo", "hi")] == \
+            ["0", "1"]
+        assert driver.find_element(By.ID, "shift").get_attribute("value") == ""
+
+        def fill(name, value):
+            element = driver.find_element(By.ID, name)
+            element.clear()
+            element.send_keys(value)
+
+        driver.find_element(By.ID, "prompt").send_keys("(glass:1.5) shattering, (stone:0.5)")
+        for name, value in (("seconds", "2"), ("steps", "3"), ("seed", "5"), ("cfg", "3"), ("cfg_rescale", "0.5"),
+                            ("cfg_norm_threshold", "20"), ("cfg_interval_lo", "0.1"), ("cfg_interval_hi", "0.9"),
+                            ("shift", "flux:alpha_min=2,alpha_max=2")):
+            fill(name, value)
+        sampler.select_by_value("pingpong")
+        driver.find_element(By.ID, "generate").click()
+        job = wait(lambda: jobs(driver, "done"), what="the result", driver=driver)[0]
+        with urllib.request.urlopen(studio.url + f"api/jobs/{job.get_attribute('data-id')}") as answer:
+            settings = json.load(answer)["settings"]
+        assert (settings["prompt"], settings["sampler"], settings["cfg_rescale"], settings["cfg_norm_threshold"],
+                settings["cfg_interval"], settings["shift"]) == ("(glass:1.5) shattering, (stone:0.5)", "pingpong",
+                                                                 0.5, 20.0, [0.1, 0.9], "flux:alpha_min=2.0,alpha_max=2.0")
+        assert bright_pixels(job.find_element(By.CSS_SELECTOR, "canvas.spectrogram").screenshot_as_png) > 500
+        summary = job.find_element(By.CSS_SELECTOR, ".summary").text
+        for words in ("pingpong", "rescale 0.5", "norm threshold 20", "guided at sigma 0.1–0.9",
+                      "shift flux:alpha_min=2.0,alpha_max=2.0"):
+            assert words in summary, summary
+
+        # Reuse: a fresh page, the controls at their defaults, then the job's settings back in them.
+        open_page(driver, studio)
+        assert driver.find_element(By.ID, "cfg_rescale").get_attribute("value") == "0"
+        jobs(driver)[0].find_element(By.CSS_SELECTOR, ".reuse").click()
+        assert [driver.find_element(By.ID, n).get_attribute("value") for n in
+                ("sampler", "cfg_rescale", "cfg_norm_threshold", "cfg_interval_lo", "cfg_interval_hi", "shift")] == \
+            ["pingpong", "0.5", "20", "0.1", "0.9", "flux:alpha_min=2.0,alpha_max=2.0"]
+
+        # A malformed weight, and a sampler this model does not take: the server's one-line messages.
+        fill("prompt", "(glass:loud) shattering")
+        driver.find_element(By.ID, "generate").click()
+        wait(lambda: "the weight 'loud' is not a number" in driver.find_element(By.ID, "message").text,
+             what="the weighting error", driver=driver)
+        assert driver.find_element(By.ID, "message").text.startswith("prompt (glass:loud)")
+        fill("prompt", "glass")
+        Select(driver.find_element(By.ID, "sampler")).select_by_value("euler")
+        driver.find_element(By.ID, "generate").click()
+        wait(lambda: "euler does not suit" in driver.find_element(By.ID, "message").text,
+             what="the sampler error", driver=driver)
+        assert len(jobs(driver)) == 1
+    finally:
+        assert studio.stop() == 0
+
+
+def test_a_prompt_list_upload_queues_a_job_per_item(browser, tmp_path):
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    studio = StudioProcess(tmp_path / "out", build_tiny_bundle(tmp_path / "bundle"))
+    try:
+        open_page(driver, studio)
+        for name, value in (("seconds", "1.5"), ("steps", "2")):
+            driver.find_element(By.ID, name).clear()
+            driver.find_element(By.ID, name).send_keys(value)
+        listing = tmp_path / "list.jsonl"
+        listing.write_text(json.dumps({"prompt": "rain", "seed": 4}) + "\n"
+                           + json.dumps({"prompt": "(thunder:1.4) far", "seconds": 2}) + "\n")
+        driver.find_element(By.ID, "prompt-list").send_keys(str(listing))
+        wait(lambda: driver.find_element(By.ID, "message").text == "Queued 2 jobs from list.jsonl.",
+             what="the list to be queued", driver=driver)
+        wait(lambda: len(jobs(driver, "done")) == 2, what="both results", driver=driver)
+        summaries = {j.find_element(By.CSS_SELECTOR, ".prompt").text: j.find_element(By.CSS_SELECTOR, ".summary").text
+                     for j in jobs(driver)}
+        assert set(summaries) == {"rain", "(thunder:1.4) far"}
+        assert "1.5 s · 2 steps" in summaries["rain"] and "seed 4" in summaries["rain"]
+        assert "2 s · 2 steps" in summaries["(thunder:1.4) far"]
+
+        listing.write_text("fine\nwarm (pad\n")
+        driver.find_element(By.ID, "prompt-list").send_keys(str(listing))
+        wait(lambda: "1 bad line in the prompt list: line 2: prompt has an unbalanced '('"
+             in driver.find_element(By.ID, "message").text, what="the list's error", driver=driver)
+        assert len(jobs(driver)) == 2
     finally:
         assert studio.stop() == 0

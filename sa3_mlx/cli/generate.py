@@ -33,6 +33,10 @@ examples:
   sa3 --prompt "lofi beat" --model ./stable-audio-3-small-music-base        (base model: 50 steps, cfg 7)
   sa3 --prompt "lofi beat" --model ./stable-audio-3-small-music-base --sampler dpmpp --steps 30 \
       --cfg-rescale 0.7 --cfg-interval 0,0.9 --shift flux:alpha_min=3,alpha_max=3
+  sa3 --prompt "lofi house, (warm rhodes:1.5), (vinyl crackle:0.4)" --out lofi.mp3   (weights, MP3)
+  sa3 --prompts-file prompts.jsonl --dit sm-sfx --seconds 4 --out sfx/      (a list, resumable)
+  sa3 --prompt "lofi beat" --model ./stable-audio-3-small-music --lora style.safetensors:0.8@0.4-1
+  sa3 encode-audio loop.flac --out loop.npy     sa3 decode-latents loop.npy --out back.wav
   sa3 convert stabilityai/stable-audio-3-small-music converted/            (-> official MLX files)
   sa3 download all          sa3 doctor          sa3 info output/some_file.wav
 """
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sa3",
         description="Stable Audio 3 in MLX: text-to-audio, audio-to-audio, inpainting and continuation. "
         "Other commands: sa3 download, sa3 doctor, sa3 info FILE, sa3 convert REPO_OR_PATH OUT_DIR, "
-        "sa3 studio, sa3 bench.",
+        "sa3 encode-audio IN --out LATENTS.npy, sa3 decode-latents LATENTS.npy --out OUT.wav, sa3 studio, sa3 bench.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -67,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(f.cli_flag, dest=f.name, action="append", metavar=_metavar(f), help=f.help)
         else:
             g.add_argument(f.cli_flag, dest=f.name, metavar=_metavar(f), help=f.help)
+    groups["what to generate"].add_argument(
+        "--prompts-file", type=Path, metavar="FILE",
+        help="generate a list in one process, models loaded once: one prompt a line, or JSONL with any settings "
+             "per item (their API names, plus an optional id); the other flags are every item's defaults. "
+             "Outputs go to the --out folder (default output/) as ID.ext, with manifest.jsonl; items whose "
+             "outputs exist are skipped")
     g = groups["model"]
     g.add_argument("--weights-dir", type=Path, help="local folder with the weight files (flat or with MLX/)")
     g = groups["output"]
@@ -169,7 +179,10 @@ def _banner_rows(s, pipe, plan, paths) -> list[tuple[str, str]]:
         rows.append(("negative", repr(s.negative_prompt)))
     rows.append(("model", f"{pipe.model_name}  decoder {pipe.codec_name}  "
                           f"dtypes: DiT {pipe.dtype_name}, codec {pipe.codec_dtype_name}"))
-    rows += [("lora", f"{Path(f['file']).name} ({f['type']}, rank {f['rank']}) x {f['strength']:g}")
+    rows += [("lora", f"{Path(f['file']).name} ({f['type']}, rank {f['rank']}) x {f['strength']:g}"
+                      + (f"  at sigma {f['active'][0]:g}..{f['active'][1]:g}" if f["active"] else "")
+                      + (f"  conditioner x {f['cond_strength']:g}" if f["cond_strength"] is not None else "")
+                      + (f"  skipping {'|'.join(f['skip'])}" if f["skip"] else ""))
              for f in pipe.loras.describe()]
     rows += [
         ("length", f"{s.seconds:g} s  ({plan.latents} latents"
@@ -188,8 +201,56 @@ def _banner_rows(s, pipe, plan, paths) -> list[tuple[str, str]]:
     return rows
 
 
+def run_prompts_file(args) -> int:
+    """``--prompts-file``: every item checked first, then generated (:mod:`sa3_mlx.batch`), a line per item."""
+    from ..batch import load_items, run_items
+
+    if args.prompt is not None:
+        raise UsageError("--prompts-file gives the prompts; leave out --prompt")
+    if args.play:
+        raise UsageError("--play plays one result; it does not go with --prompts-file")
+    check_paths(args)
+    try:
+        defaults = {f.name: from_text(f, getattr(args, f.name)) for f in fields_for("cli")
+                    if getattr(args, f.name) is not None}
+        validate({**defaults, "prompt": ""})
+    except SettingsError as e:
+        raise UsageError(e.message(cli_name)) from None
+    folder = output.DEFAULT_FOLDER if args.out is None else args.out
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder}: with --prompts-file, --out is the folder the outputs go to")
+    items = load_items(args.prompts_file, defaults)
+
+    from ..pipeline import Pipeline
+    from ..runtime import configure_process
+
+    configure_process()
+    interactive = sys.stderr.isatty()
+
+    def make_pipeline(settings):
+        return Pipeline.from_settings(settings, weights_dir=args.weights_dir, progress=interactive)
+
+    display = Display(False)
+    for k, result in enumerate(run_items(items, folder, make_pipeline, args.overwrite), start=1):
+        head = f"[{k}/{len(items)}] {result.item.id}"
+        if args.json:
+            print(json.dumps(dict(id=result.item.id, line=result.item.line, skipped=result.skipped,
+                                  paths=[str(p) for p in result.paths], outputs=result.outputs,
+                                  wall_seconds=round(result.wall_seconds, 4))), flush=True)
+        elif result.skipped:
+            print(f"{head}  skipped, exists: {', '.join(str(p) for p in result.paths)}", flush=True)
+        else:
+            outs = "  ".join(f"{o['path']} (seed {o['seed']}, {_level_text(o)})" for o in result.outputs)
+            print(f"{head}  {outs}  {result.wall_seconds:.2f} s", flush=True)
+        for warning in result.warnings:
+            display.warn(f"{result.item.id}: {warning}")
+    return 0
+
+
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.prompts_file is not None:
+        return run_prompts_file(args)
     parse_settings(args, prompt_placeholder="")  # every bad value fails before anything is asked
     check_paths(args)
     resolve_interactive(args)

@@ -287,6 +287,14 @@ class Tokenizer:
             mask[row, : len(tokens)] = 1
         return mx.array(ids), mx.array(mask)
 
+    def count(self, text: str) -> int:
+        """The number of content tokens (no ``<bos>``) of ``text``: prompt weighting's token offsets."""
+        return len(self.processor.Encode(text))
+
+    def special_tokens(self, add_bos: bool = True) -> tuple[int, int]:
+        """The special tokens :meth:`encode` puts before and after a prompt's own tokens."""
+        return (1 if add_bos else 0), 0
+
     def pieces(self, prompt: str) -> list[str]:
         """The SentencePiece pieces of one prompt (no ``<bos>``), for inspection."""
         return self.processor.EncodeAsPieces(prompt)

@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__, hub
 from ..audio import FORMATS, read_metadata
 from ..settings import DTYPES, MAX_PROMPT_CHARS, SAMPLERS, describe
+from ..batch import BatchError, parse_lines
 from .jobs import ACTIVE, QueueFull, StorageError, Studio
 from .openapi import openapi_spec
 from .settings import BadRequest, parse_settings
@@ -42,7 +43,8 @@ def is_loopback(host: str) -> bool:
 STREAM_POLL_S = 0.1
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 KEY_COOKIE = "sa3_studio_key"
-MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac"}
+MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
+               ".opus": "audio/ogg"}
 
 
 class TooLarge(BadRequest):
@@ -204,6 +206,53 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
         record = studio.get(job.id)
         return JSONResponse(public_job(record), status_code=202, headers={"Location": f"/api/jobs/{job.id}"})
 
+    async def submit_list(request: Request):
+        """A prompt list: ``{"text": FILE_TEXT, "defaults": {settings}}`` -> one job per item, every line
+        checked first (all bad lines in one 400); queued when the queue has room for every item."""
+        try:
+            body = await read_body(request, limits.max_json_bytes * 8)
+            try:
+                data = json.loads(body or b"null")
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise BadRequest("the request body must be JSON: {\"text\": ..., \"defaults\": {...}}") from None
+            if not isinstance(data, dict) or not isinstance(data.get("text"), str) or set(data) - {"text", "defaults"}:
+                raise BadRequest('the request body must be {"text": the prompt list, "defaults": {settings}}')
+            defaults = data.get("defaults")
+            defaults = {} if defaults is None else defaults
+            if not isinstance(defaults, dict):
+                raise BadRequest("defaults must be a JSON object of settings")
+            try:
+                lines = parse_lines(data["text"])
+            except BatchError as e:
+                raise BadRequest(f"the prompt list {e}") from None
+            if len(lines) > studio.queue.maxsize:
+                raise BadRequest(f"the prompt list has {len(lines)} items; the queue holds {studio.queue.maxsize}")
+            items, errors = [], []
+            for number, item in lines:
+                try:
+                    if isinstance(item, BatchError):
+                        raise BadRequest(str(item))
+                    item.pop("id", None)  # the studio names jobs itself
+                    items.append(parse_settings({k: v for k, v in defaults.items() if k != "prompt"} | item, limits))
+                except BadRequest as e:
+                    errors.append(f"line {number}: {e}")
+            if errors:
+                raise BadRequest(f"{len(errors)} bad line{'s' if len(errors) > 1 else ''} in the prompt list: "
+                                 + "; ".join(errors[:20]) + (f"; ... and {len(errors) - 20} more" if len(errors) > 20 else ""))
+            free = studio.queue.maxsize - studio.queue.qsize()
+            if len(items) > free:
+                raise QueueFull(studio.retry_after())
+            jobs = [studio.submit(s) for s in items]
+        except TooLarge as e:
+            return error(413, str(e))
+        except BadRequest as e:
+            return error(400, str(e))
+        except QueueFull as e:
+            return error(429, str(e), {"Retry-After": str(e.retry_after)})
+        except StorageError as e:
+            return error(507, str(e))
+        return JSONResponse(dict(jobs=[public_job(studio.get(j.id)) for j in jobs]), status_code=202)
+
     async def list_jobs(request: Request):
         try:
             limit = min(max(int(request.query_params.get("limit", 50)), 1), 500)
@@ -298,6 +347,7 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
         Route("/api/openapi.json", spec),
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs", list_jobs, methods=["GET"]),
+        Route("/api/prompt-lists", submit_list, methods=["POST"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/api/jobs/{job_id}", delete, methods=["DELETE"]),
         Route("/api/jobs/{job_id}/events", events),

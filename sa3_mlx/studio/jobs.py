@@ -24,7 +24,7 @@ import sqlite3
 import numpy as np
 
 from .. import output
-from ..audio import FORMATS, SAMPLE_RATE, AudioError, honour_umask, read_audio
+from ..audio import FORMATS, SAMPLE_RATE, AudioError, honour_umask, read_audio, spectrogram
 from ..hub import WeightsUnavailable
 from ..settings import MODEL_DEFAULT, SettingsError, audio_reference, check_sampler, draw_seed
 from .history import History
@@ -77,6 +77,7 @@ class Job:
     outputs: list = field(default_factory=list)
     error: str | None = None
     warnings: list = field(default_factory=list)
+    preview: dict | None = None  # the live preview: step, spectrogram and the decode's seconds
     version: int = 0  # bumped on every change, so progress streams know when to send
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 
@@ -90,7 +91,8 @@ class Job:
                     settings=self.settings, outputs=self.outputs, error=self.error, warnings=self.warnings)
 
     def live(self) -> dict:
-        return dict(self.record(), stage=self.stage, step=self.step, steps=self.steps, started=self.started)
+        return dict(self.record(), stage=self.stage, step=self.step, steps=self.steps, started=self.started,
+                    preview=self.preview)
 
 
 class Studio:
@@ -98,11 +100,12 @@ class Studio:
 
     def __init__(self, output_dir: str | Path, weights_dir: str | Path | None = None,
                  limits: Limits | None = None, queue_size: int = 8,
-                 upload_hours: float = 24.0, upload_budget_bytes: int = 1 << 30):
+                 upload_hours: float = 24.0, upload_budget_bytes: int = 1 << 30, preview_every: int = 0):
         self.output_dir = Path(output_dir).resolve()
         self.uploads_dir = self.output_dir / "uploads"
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.weights_dir = weights_dir
+        self.preview_every = preview_every  # live previews every N steps (0: none)
         self.limits = limits or Limits()
         self.upload_seconds = upload_hours * 3600.0  # uploads older than this are removed
         self.upload_budget_bytes = upload_budget_bytes  # and the oldest go once all of them pass this
@@ -335,7 +338,7 @@ class Studio:
         return self.pipeline
 
     def _run(self, job: Job) -> None:
-        from ..pipeline import SAMPLING, Finished, StageStarted, Step
+        from ..pipeline import SAMPLING, Finished, Preview, StageStarted, Step
 
         s = job.request
         init_audio = read_audio(self._init_audio_path(s.init_audio)) if s.init_audio else None
@@ -344,13 +347,16 @@ class Studio:
         job.update(warnings=list(plan.warnings), steps=pipe.resolve(s).steps, stage="loading models")
 
         result = None
-        events = pipe.run(s, init_audio)
+        events = pipe.run(s, init_audio, preview_every=self.preview_every)
         try:
             for event in events:
                 if job.cancel_requested.is_set():
                     raise JobCancelled()  # stops the run at this step (closing the generator below)
                 if isinstance(event, Step):
                     job.update(stage=SAMPLING, step=event.done, steps=event.total)
+                elif isinstance(event, Preview):
+                    job.update(preview=dict(step=event.done, steps=event.total, seconds=round(event.seconds, 4),
+                                            spectrogram=spectrogram(event.audio)))
                 elif isinstance(event, StageStarted) and event.name != SAMPLING:  # sampling shows with its steps
                     job.update(stage=event.name)
                 elif isinstance(event, Finished):
@@ -364,7 +370,8 @@ class Studio:
         written = output.write(result, paths, s.format, s.loudness, job=job.id)
         outputs = []
         for i, o in enumerate(written.outputs):
-            outputs.append(dict(index=i, seed=o.seed, file=o.path.name, peaks=waveform_peaks(o.audio), **o.levels))
+            outputs.append(dict(index=i, seed=o.seed, file=o.path.name, peaks=waveform_peaks(o.audio),
+                                spectrogram=spectrogram(o.audio), **o.levels))
         done = result.settings
         job.update(outputs=outputs, warnings=job.warnings + written.warnings,
                    settings=dict(job.settings, mode=result.plan.mode, codec=pipe.codec_name,

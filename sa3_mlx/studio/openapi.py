@@ -88,13 +88,26 @@ def openapi_spec(limits: Limits) -> dict:
             "/api/jobs/{job_id}/outputs/{index}": {
                 "parameters": [job_id, index],
                 "get": {"summary": "The audio file of one output", "responses": {
-                    "200": {"description": "WAV or FLAC", "content": {"audio/wav": {}, "audio/flac": {}}},
+                    "200": {"description": "WAV, FLAC, MP3, OGG or Opus",
+                            "content": {"audio/wav": {}, "audio/flac": {}, "audio/mpeg": {}, "audio/ogg": {}}},
                     "404": _error("no such output")}},
             },
             "/api/jobs/{job_id}/outputs/{index}/metadata": {
                 "parameters": [job_id, index],
                 "get": {"summary": "The settings stored in the file, and its levels",
                         "responses": {"200": {"description": "metadata"}, "404": _error("no such output")}},
+            },
+            "/api/prompt-lists": {
+                "post": {"summary": "Queue one job per item of a prompt list (the CLI's --prompts-file format: a "
+                                    "prompt a line, or JSONL with settings per item); defaults apply to every item",
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                             "type": "object", "required": ["text"], "additionalProperties": False,
+                             "properties": {"text": {"type": "string"},
+                                            "defaults": {"type": "object", "description": "settings for every item"}},
+                         }}}},
+                         "responses": {"202": {"description": "the queued jobs"},
+                                       "400": _error("bad lines, each with its number"),
+                                       "429": _error("the queue has no room for every item")}},
             },
             "/api/uploads": {
                 "post": {"summary": "Upload init audio (the file as the body); decoded with the CLI's checks",

@@ -17,6 +17,18 @@ from ..arguments import Parser, UsageError, finite_float, positive_int
 from .app import is_loopback
 from .settings import Limits
 
+MAX_PREVIEW_EVERY = 1000  # the most steps a run has
+
+
+def preview_steps(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_PREVIEW_EVERY:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_PREVIEW_EVERY}] (got {value})")
+    return value
+
 API_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~-]{8,}")  # it travels in headers, URLs and a cookie as is
 DEFAULT_PORT = 7860  # the usual local audio/ML demo port (Gradio's)
 
@@ -34,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where results and the history database go (default output/studio)")
     p.add_argument("--weights-dir", type=Path, help="local folder with the weight files (flat or with MLX/)")
     p.add_argument("--queue-size", type=positive_int, default=8, help="jobs waiting at most (default 8); more get 429")
+    p.add_argument("--preview-every", type=preview_steps, default=4, metavar="N",
+                   help="live preview: every N sampling steps the page shows the spectrogram of what the step "
+                        "predicts (one decode each; default 4; 0 = off)")
     p.add_argument("--max-seconds", type=finite_float, default=limits.max_seconds,
                    help=f"longest audio a job may ask for (default and most {limits.max_seconds:g})")
     p.add_argument("--max-steps", type=positive_int, default=limits.max_steps,
@@ -110,6 +125,7 @@ def run(argv: list[str]) -> int:
     sock = listen(args.host, args.port)
     try:
         studio = Studio(args.output_dir, weights_dir=args.weights_dir, limits=limits, queue_size=args.queue_size,
+                        preview_every=args.preview_every,
                         upload_hours=args.upload_hours, upload_budget_bytes=int(args.upload_budget_mb * 2**20))
     except (sqlite3.Error, OSError) as e:
         sock.close()

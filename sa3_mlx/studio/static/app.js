@@ -14,6 +14,7 @@ const state = {
   regions: [],      // [[start, end], ...] seconds, on the input audio
   job: null,        // id of the job being watched
   events: null,     // its EventSource
+  pending: [],      // ids of a prompt list's jobs still to watch, in order
   poll: null,       // and its fallback poll timer
 };
 
@@ -66,10 +67,139 @@ function drawWave(canvas, peaks, regions = [], seconds = 0, played = 0) {
   }
 }
 
+// A spectrogram ({width, height, data: base64 bytes, lowest band first}) in a dark-to-warm palette.
+function drawSpectrogram(canvas, spec) {
+  if (!spec) return;
+  const bytes = Uint8Array.from(atob(spec.data), (c) => c.charCodeAt(0));
+  canvas.width = spec.width;
+  canvas.height = spec.height;
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(spec.width, spec.height);
+  for (let row = 0; row < spec.height; row++) {
+    for (let x = 0; x < spec.width; x++) {
+      const v = bytes[row * spec.width + x];
+      const at = ((spec.height - 1 - row) * spec.width + x) * 4;  // the lowest band at the bottom
+      image.data[at] = v;
+      image.data[at + 1] = Math.round((v * v) / 255);
+      image.data[at + 2] = Math.round(160 * Math.sqrt(v / 255));
+      image.data[at + 3] = 255;
+    }
+  }
+  ctx.putImageData(image, 0, 0);
+}
+
 // ---- the form -----------------------------------------------------------------------
 
 const NUMBER_FIELDS = ["seconds", "steps", "num_outputs", "seed", "cfg", "apg", "loudness", "init_noise_level"];
 const INTEGER_FIELDS = ["steps", "num_outputs", "seed"];
+// The "Sampling and guidance" controls, generated from the fields /api/options describes (kind, bounds,
+// choices, default, help): name -> label.
+const ADVANCED = {
+  sampler: "Sampler", cfg_rescale: "CFG rescale", cfg_norm_threshold: "CFG norm threshold",
+  cfg_interval: "CFG interval (sigma)", shift: "Schedule shift", headroom: "Headroom (s)",
+};
+const MODEL_DEFAULT = "model's default";
+
+function fieldOf(name) { return state.options.fields.find((f) => f.name === name); }
+
+function numberInput(id, f) {
+  const input = document.createElement("input");
+  input.id = id;
+  input.type = "number";
+  input.step = f.kind === "int" ? "1" : "any";
+  if (f.minimum !== null && f.minimum !== undefined) input.min = f.minimum;
+  if (f.maximum !== null && f.maximum !== undefined) input.max = f.maximum;
+  return input;
+}
+
+function buildAdvanced() {
+  const box = $("advanced-fields");
+  for (const [name, text] of Object.entries(ADVANCED)) {
+    const f = fieldOf(name);
+    if (!f) continue;
+    const label = document.createElement("label");
+    label.append(text);
+    label.title = f.help;
+    if (f.kind === "choice") {
+      const select = document.createElement("select");
+      select.id = name;
+      const own = document.createElement("option");
+      own.value = "";
+      own.textContent = f.default === MODEL_DEFAULT ? "model's" : "default";
+      select.appendChild(own);
+      fillSelect(select, f.choices);
+      label.appendChild(select);
+    } else if (f.kind === "interval") {
+      const pair = document.createElement("span");
+      pair.className = "pair";
+      pair.append(numberInput(`${name}_lo`, f), numberInput(`${name}_hi`, f));
+      label.appendChild(pair);
+    } else if (f.kind === "shift") {
+      const input = document.createElement("input");
+      input.id = name;
+      input.placeholder = "model (e.g. flux:alpha_min=2,alpha_max=2)";
+      input.maxLength = f.max_chars || 200;
+      label.appendChild(input);
+    } else {
+      label.appendChild(numberInput(name, f));
+    }
+    box.appendChild(label);
+  }
+  resetAdvanced();
+}
+
+// Every advanced control at its field's default.
+function resetAdvanced() {
+  const values = {};
+  for (const name of Object.keys(ADVANCED)) {
+    const f = fieldOf(name);
+    if (f) values[name] = f.default === MODEL_DEFAULT ? null : f.default;
+  }
+  setAdvanced(values);
+}
+
+function setAdvanced(settings) {
+  for (const name of Object.keys(ADVANCED)) {
+    const f = fieldOf(name);
+    if (!f) continue;
+    const value = settings[name];
+    if (f.kind === "interval") {
+      const [lo, hi] = value || f.default;
+      $(`${name}_lo`).value = lo;
+      $(`${name}_hi`).value = hi;
+    } else if (f.kind === "shift") {
+      $(name).value = value && value !== "model" ? value : "";
+    } else {
+      $(name).value = value === null || value === undefined ? "" : value;
+    }
+  }
+}
+
+function advancedInUse(settings) {
+  return Object.keys(ADVANCED).some((name) => {
+    const f = fieldOf(name);
+    const value = settings[name];
+    if (!f || value === null || value === undefined || f.default === MODEL_DEFAULT) return false;
+    return JSON.stringify(value) !== JSON.stringify(f.default);
+  });
+}
+
+function readAdvanced(s) {
+  for (const name of Object.keys(ADVANCED)) {
+    const f = fieldOf(name);
+    if (!f) continue;
+    if (f.kind === "interval") {
+      const lo = $(`${name}_lo`).value.trim(), hi = $(`${name}_hi`).value.trim();
+      if (lo !== "" || hi !== "") s[name] = [lo === "" ? f.minimum : parseFloat(lo), hi === "" ? f.maximum : parseFloat(hi)];
+    } else if (f.kind === "choice" || f.kind === "shift") {
+      const value = $(name).value.trim();
+      if (value !== "") s[name] = value;
+    } else {
+      const raw = $(name).value.trim();
+      if (raw !== "") s[name] = f.kind === "int" ? parseInt(raw, 10) : parseFloat(raw);
+    }
+  }
+}
 
 function readForm() {
   const s = {
@@ -84,6 +214,7 @@ function readForm() {
     if (raw === "") continue;
     s[name] = INTEGER_FIELDS.includes(name) ? parseInt(raw, 10) : parseFloat(raw);
   }
+  readAdvanced(s);
   if (state.input) {
     s.init_audio = state.input.init_audio;
     s.inpaint = state.regions.map(([a, b]) => [round(a), round(b)]);
@@ -105,6 +236,8 @@ function fillForm(settings) {
     const value = settings[name];
     $(name).value = value === null || value === undefined ? "" : value;
   }
+  setAdvanced(settings);
+  if (advancedInUse(settings)) $("advanced").open = true;  // show what the reused settings set
   state.regions = (settings.inpaint || []).map((r) => r.slice());
   if (settings.init_audio) {
     // The input itself is shown again when it is a past result (an upload's waveform is not kept).
@@ -190,6 +323,7 @@ function setUpRegionSelection() {
 
 async function submit(settings) {
   say("");
+  state.pending = [];
   try {
     const job = await api("POST", "/api/jobs", settings);
     watch(job);
@@ -237,22 +371,56 @@ function showProgress(job) {
     progress.value = job.step || 0;
     $("stage").textContent = job.stage === "sampling" ? `sampling: step ${job.step}/${job.steps}` : job.stage;
   }
+  $("preview-box").hidden = !job.preview || job.status !== "running";
+  if (job.preview && job.preview.step !== state.previewStep) {
+    state.previewStep = job.preview.step;
+    drawSpectrogram($("preview"), job.preview.spectrogram);
+    $("preview-label").textContent = `preview at step ${job.preview.step}/${job.preview.steps}`;
+  }
 }
 
 function finishWatching(job) {
   stopWatching();
   state.job = null;
   $("progress-box").hidden = true;
+  $("preview-box").hidden = true;
+  state.previewStep = null;
   $("cancel").hidden = true;
   if (job.status === "failed") say(`Failed: ${job.error}`);
   else if (job.status === "cancelled") say("Cancelled.");
   for (const warning of job.warnings || []) say(`Warning: ${warning}`);
+  const next = state.pending.shift();  // a prompt list: watch its next job
+  if (next) api("GET", `/api/jobs/${next}`).then(watch).catch((e) => say(e.message));
+}
+
+async function submitList(file) {
+  say("");
+  try {
+    const defaults = readForm();
+    delete defaults.prompt;
+    const { jobs } = await api("POST", "/api/prompt-lists", { text: await file.text(), defaults });
+    for (const job of jobs) upsertJob(job);
+    state.pending = jobs.slice(1).map((j) => j.id);
+    watch(jobs[0]);
+    say(`Queued ${jobs.length} job${jobs.length === 1 ? "" : "s"} from ${file.name}.`);
+  } catch (error) {
+    say(error.status === 429 ? `The queue has no room for the list; try again in ${error.retryAfter} s.` : error.message);
+  }
+  $("prompt-list").value = "";
 }
 
 function summary(s) {
   const parts = [s.mode || (s.init_audio ? "audio input" : "text-to-audio"), s.model, `${s.seconds} s`,
     `${s.steps} steps`, `seed ${s.seed}`, `cfg ${s.cfg}`];
+  if (s.sampler) parts.push(s.sampler);
   if (s.cfg !== 1) parts.push(`apg ${s.apg}`);
+  if (s.cfg_rescale) parts.push(`rescale ${s.cfg_rescale}`);
+  if (s.cfg_norm_threshold) parts.push(`norm threshold ${s.cfg_norm_threshold}`);
+  if (s.cfg_interval && (s.cfg_interval[0] !== 0 || s.cfg_interval[1] !== 1)) {
+    parts.push(`guided at sigma ${s.cfg_interval[0]}–${s.cfg_interval[1]}`);
+  }
+  if (s.shift && s.shift !== "model") parts.push(`shift ${s.shift}`);
+  if (s.headroom) parts.push(`headroom ${s.headroom} s`);
   if (s.negative_prompt) parts.push(`not "${s.negative_prompt}"`);
   if (s.init_audio) parts.push(`from ${describeInput(s.init_audio)}`);
   if (s.inpaint && s.inpaint.length) parts.push("regions " + s.inpaint.map(([a, b]) => `${a}–${b}`).join(", "));
@@ -301,7 +469,8 @@ function renderOutput(job, output) {
   const url = withKey(output.url);
   const audio = node.querySelector("audio");
   audio.src = url;
-  const canvas = node.querySelector("canvas");
+  const canvas = node.querySelector("canvas.wave");
+  drawSpectrogram(node.querySelector("canvas.spectrogram"), output.spectrogram);
   const draw = () => drawWave(canvas, output.peaks, [], 0, audio.duration ? audio.currentTime / audio.duration : 0);
   audio.addEventListener("timeupdate", draw);
   canvas.addEventListener("click", (event) => {
@@ -310,7 +479,8 @@ function renderOutput(job, output) {
   });
   const download = node.querySelector(".download");
   download.href = url;
-  download.download = `sa3_${job.id}_${output.index + 1}.${job.settings.format === "flac" ? "flac" : "wav"}`;
+  const suffix = { flac: "flac", mp3: "mp3", ogg: "ogg", opus: "opus" }[job.settings.format] || "wav";
+  download.download = `sa3_${job.id}_${output.index + 1}.${suffix}`;
   node.querySelector(".use-input").onclick = () => {
     setInput({ job: job.id, output: output.index }, job.settings.seconds, output.peaks,
       `job ${job.id}, output ${output.index + 1}`);
@@ -365,6 +535,9 @@ async function start() {
   fillSelect($("model"), options.models);
   fillSelect($("decoder"), options.decoders);
   fillSelect($("format"), options.formats);
+  buildAdvanced();
+  const prompt = options.fields.find((f) => f.name === "prompt");
+  if (prompt) $("prompt").title = prompt.help;
   $("seconds").max = options.limits.max_seconds;
   $("steps").max = options.limits.max_steps;
   $("num_outputs").max = options.limits.max_batch;
@@ -386,6 +559,7 @@ async function start() {
       say("");
     } catch (error) { say(error.message); $("upload").value = ""; }
   });
+  $("prompt-list").addEventListener("change", () => { if ($("prompt-list").files[0]) submitList($("prompt-list").files[0]); });
   let searchTimer = null;
   $("search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(loadHistory, 250); });
   setUpRegionSelection();
