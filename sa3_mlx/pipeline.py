@@ -203,7 +203,11 @@ class Pipeline:
 
     def key(self) -> tuple:
         """What identifies the loaded models (a front end reuses a pipeline with the same key)."""
-        return (self.model_name, self.codec_name, self.dtype_name, self.codec_dtype_name, tuple(self.lora_specs))
+        return self.base_key() + (tuple(self.lora_specs),)
+
+    def base_key(self) -> tuple:
+        """What identifies the models before any LoRA (:meth:`set_loras` changes the rest in place)."""
+        return (self.model_name, self.codec_name, self.dtype_name, self.codec_dtype_name)
 
     @property
     def lora_specs(self) -> list[str]:
@@ -291,6 +295,18 @@ class Pipeline:
         if index is not None and not 0 <= index < len(self.loras.files):
             raise ValueError(f"LoRA index {index} out of range (0..{len(self.loras.files) - 1})")
         self.loras.set_strength(strength, index)
+        self.free("dit")
+
+    def set_loras(self, specs: Sequence) -> None:
+        """Other adapters, strengths, noise intervals or options, without reloading the base model: the
+        text encoder and codecs stay, the stored DiT weights stay in memory (read once), and only the
+        merge and the DiT build are redone, on next use. An empty list goes back to the plain DiT."""
+        loras = LoraStack.from_specs(specs)
+        if loras.specs() == self.loras.specs():
+            return
+        self.loras = loras
+        if not loras.files:
+            self._lora_base = None
         self.free("dit")
 
     def free(self, *parts: str) -> None:

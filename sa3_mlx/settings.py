@@ -158,14 +158,15 @@ FIELDS: tuple[Field, ...] = (
           help="an original PyTorch release instead of --dit: a Hugging Face repo "
                "(stabilityai/stable-audio-3-{small-music,small-sfx,medium}[-base]) or a local folder with "
                "model_config.json (or one written by sa3 convert)"),
-    Field("loras", "loras", (), fronts=("cli",), flag="--lora", metavar="FILE[:STRENGTH][@LO-HI][;OPTION...]",
+    Field("loras", "loras", (), flag="--lora", metavar="FILE[:STRENGTH][@LO-HI][;OPTION...]",
           group="model",
           minimum=-MAX_LORA_STRENGTH, maximum=MAX_LORA_STRENGTH, max_items=16,
           help="LoRA/DoRA adapter (upstream .safetensors) merged into the DiT, strength default 1 "
                f"(|strength| <= {MAX_LORA_STRENGTH:g}); @LO-HI: active only at noise levels sigma in [LO, HI] "
                "(0 <= LO <= HI <= 1; e.g. @0.4-1 for the early steps); options ;cond=S (the conditioner's own "
                "strength) and ;skip=GLOB|GLOB (modules left out, e.g. ;skip=layers.0.|layers.1.); repeatable, "
-               "stacked in the order given"),
+               "stacked in the order given. In the studio's API a list of the same specs with a NAME from "
+               "the server's --lora-dir in place of FILE"),
     Field("decoder", "choice", choices=tuple(hub.CODECS), group="model",
           help="audio codec (default: the generator's own; another one works, with a warning)"),
     Field("dit_dtype", "choice", choices=DTYPES, group="model",
@@ -524,6 +525,10 @@ def from_json(field: Field, value) -> Any:
         return check_text(field, value)
     if kind == "audio":
         return _audio_reference(field, value)
+    if kind == "loras":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _fail(field, "must be a list of adapter specs (strings)")
+        return tuple(check_text(field, v) for v in value)
     raise _fail(field, "is not accepted here")
 
 
@@ -796,6 +801,9 @@ def json_schema(front: str = "api", limits: Mapping[str, Mapping] | None = None)
         elif f.kind == "ranges":
             schema.update(type="array", maxItems=b.get("max_items", f.max_items), items={
                 "type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "number", "minimum": 0}})
+        elif f.kind == "loras":
+            schema.update(type="array", maxItems=f.max_items, items={
+                "type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*(:[-+0-9.eE]+)?(@[0-9.]+-[0-9.]+)?(;.*)?$"})
         elif f.kind == "interval":
             schema.update(type="array", minItems=2, maxItems=2,
                           items={"type": "number", "minimum": lo, "maximum": hi})

@@ -59,6 +59,9 @@ def cases():
         elif f.kind == "interval":
             out += [(f.name, [0.0, 1.0]), (f.name, [0.2, 0.2]), (f.name, [0.5, 0.2]), (f.name, [-0.1, 0.5]),
                     (f.name, [0.0, 1.1]), (f.name, [1e300, 1e300])]
+        elif f.kind == "loras":
+            out += [(f.name, ["a:0.5"]), (f.name, ["a:0.5@0.2-0.8", "b"]), (f.name, ["a:11"]), (f.name, ["a:1e308"]),
+                    (f.name, ["a@0.8-0.2"]), (f.name, ["a"] * (f.max_items + 1)), (f.name, ["a;cond=0.5"])]
         elif f.kind == "shift":
             out += [(f.name, c) for c in f.choices] + [(f.name, "nonsense"), (f.name, "flux:alpha_min=2,alpha_max=2"),
                                                       (f.name, "flux:alpha_min=1e300"), (f.name, "logsnr:bogus=1")]
@@ -75,6 +78,8 @@ def _cli_words(name, value) -> list[str]:
         return [w for a, b in value for w in (f.cli_flag, f"{a!r},{b!r}")]
     if f.kind == "interval":
         return [f.cli_flag, f"{value[0]!r},{value[1]!r}"]
+    if f.kind == "loras":
+        return [w for spec in value for w in (f.cli_flag, spec)]
     if value is None:
         return []
     return [f.cli_flag, repr(value) if isinstance(value, float) else str(value)]

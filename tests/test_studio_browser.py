@@ -353,3 +353,47 @@ def test_a_prompt_list_upload_queues_a_job_per_item(browser, tmp_path):
         assert len(jobs(driver)) == 2
     finally:
         assert studio.stop() == 0
+
+
+def test_lora_picker_sends_named_adapters(browser, tmp_path):
+    """With --lora-dir the page offers the folder's adapters by name; the chosen ones (strength, noise interval)
+    reach the job, show in its summary and come back with "Reuse settings"."""
+    import json
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tests.test_studio_loras import write_lora
+
+    driver = browser
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    write_lora(folder / "my_style.safetensors")
+    studio = StudioProcess(tmp_path / "out", build_tiny_bundle(tmp_path / "bundle"), "--lora-dir", str(folder))
+    try:
+        open_page(driver, studio)
+        assert driver.find_element(By.ID, "lora-box").is_displayed()
+        assert [o.get_attribute("value") for o in Select(driver.find_element(By.ID, "lora-name")).options] == ["my_style"]
+        for name, value in (("lora-strength", "0.7"), ("lora-lo", "0.3")):
+            element = driver.find_element(By.ID, name)
+            element.clear()
+            element.send_keys(value)
+        driver.find_element(By.ID, "lora-add").click()
+        assert "my_style:0.7@0.3-1" in driver.find_element(By.ID, "lora-list").text
+        driver.find_element(By.ID, "prompt").send_keys("lofi")
+        for name, value in (("seconds", "1"), ("steps", "2"), ("seed", "2")):
+            element = driver.find_element(By.ID, name)
+            element.clear()
+            element.send_keys(value)
+        driver.find_element(By.ID, "generate").click()
+        job = wait(lambda: jobs(driver, "done"), what="the result", driver=driver)[0]
+        with urllib.request.urlopen(studio.url + f"api/jobs/{job.get_attribute('data-id')}") as answer:
+            assert json.load(answer)["settings"]["loras"] == ["my_style:0.7@0.3-1"]
+        assert "LoRA my_style:0.7@0.3-1" in job.find_element(By.CSS_SELECTOR, ".summary").text
+        open_page(driver, studio)
+        assert driver.find_element(By.ID, "lora-list").text == ""
+        jobs(driver)[0].find_element(By.CSS_SELECTOR, ".reuse").click()
+        assert "my_style:0.7@0.3-1" in driver.find_element(By.ID, "lora-list").text
+    finally:
+        assert studio.stop() == 0

@@ -179,7 +179,7 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
                                  default_decoders={m: spec.codec for m, spec in hub.MODELS.items()},
                                  formats=list(FORMATS), dtypes=list(DTYPES), samplers=list(SAMPLERS),
                                  defaults={f["name"]: f["default"] for f in fields}, fields=fields,
-                                 limits=limits.public()))
+                                 loras=studio.lora_names(), limits=limits.public()))
 
     async def spec(request: Request):
         return JSONResponse(openapi_spec(limits))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import queue
+import re
 import secrets
 import tempfile
 import threading
@@ -31,6 +32,7 @@ from .history import History
 from .settings import ID_PATTERN, BadRequest, Limits, api_settings
 
 PEAK_BUCKETS = 800  # waveform resolution sent to the page
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # adapter names a request may use: no path separators
 ACTIVE = ("queued", "running")
 
 
@@ -100,8 +102,10 @@ class Studio:
 
     def __init__(self, output_dir: str | Path, weights_dir: str | Path | None = None,
                  limits: Limits | None = None, queue_size: int = 8,
-                 upload_hours: float = 24.0, upload_budget_bytes: int = 1 << 30, preview_every: int = 0):
+                 upload_hours: float = 24.0, upload_budget_bytes: int = 1 << 30, preview_every: int = 0,
+                 lora_dir: str | Path | None = None):
         self.output_dir = Path(output_dir).resolve()
+        self.lora_dir = None if lora_dir is None else Path(lora_dir).resolve()  # adapters jobs may name
         self.uploads_dir = self.output_dir / "uploads"
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.weights_dir = weights_dir
@@ -134,6 +138,7 @@ class Studio:
         settings = settings.replace(seed=draw_seed() if settings.seed is None else settings.seed,
                                     format=output.resolve_format(settings.format, None))
         self._check_for_model(settings)
+        self.lora_paths(settings.loras)  # every named adapter exists (a name, never a path)
         if settings.init_audio is not None:
             self._init_audio_path(settings.init_audio)
         job = Job(new_id(), api_settings(settings), settings)
@@ -327,14 +332,44 @@ class Studio:
                 job.update(warnings=job.warnings + [f"the history could not record this job's end ({e})"])
                 self._unsaved[job.id] = job
 
+    def lora_names(self) -> list[str]:
+        """The adapters a job may name: the ``.safetensors`` files of ``--lora-dir``, by file name without it."""
+        if self.lora_dir is None or not self.lora_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.lora_dir.glob("*.safetensors") if LORA_NAME.fullmatch(p.stem))
+
+    def lora_paths(self, specs) -> tuple[str, ...]:
+        """Specs naming adapters of ``--lora-dir`` (``NAME[:S][@LO-HI][;...]``) -> the same specs with their files."""
+        resolved = []
+        for spec in specs:
+            match = LORA_NAME.match(spec)
+            name = match.group(0) if match else ""
+            rest = spec[len(name):]
+            if not name or (rest and rest[0] not in ":@;"):
+                raise BadRequest(f"loras: {spec!r} must start with an adapter's name (letters, digits, . _ -)")
+            if self.lora_dir is None:
+                raise BadRequest("loras: this server has no adapters (start it with --lora-dir DIR)")
+            path = self.lora_dir / f"{name.removesuffix('.safetensors')}.safetensors"
+            if not path.is_file():
+                known = ", ".join(self.lora_names()) or "none"
+                raise BadRequest(f"loras: no adapter named {name!r} in the server's --lora-dir (it has: {known})")
+            resolved.append(f"{path}{rest}")
+        return tuple(resolved)
+
     def _get_pipeline(self, settings):
+        """The resident pipeline for ``settings``: reused when only its adapters differ (set in place, the
+        base model is not read again), else replaced (the old models are dropped before the new load)."""
         from ..pipeline import Pipeline
 
-        candidate = Pipeline.from_settings(settings, weights_dir=self.weights_dir, progress=False)
-        if self.pipeline is None or self.pipeline.key() != candidate.key():
-            if self.pipeline is not None:
-                self.pipeline.free()
-            self.pipeline = candidate  # the old models are dropped before the new ones load
+        wanted = settings.replace(loras=self.lora_paths(settings.loras))
+        if self.pipeline is not None:
+            probe = Pipeline.from_settings(wanted.replace(loras=()), weights_dir=self.weights_dir, progress=False)
+            if probe.base_key() == self.pipeline.base_key():
+                self.pipeline.set_loras(wanted.loras)
+                return self.pipeline
+            self.pipeline.free()
+            self.pipeline = None
+        self.pipeline = Pipeline.from_settings(wanted, weights_dir=self.weights_dir, progress=False)
         return self.pipeline
 
     def _run(self, job: Job) -> None:
@@ -367,7 +402,8 @@ class Studio:
 
         suffix = FORMATS[s.format][2]
         paths = [self.output_dir / f"{job.id}_{i + 1}{suffix}" for i in range(len(result.audio))]
-        written = output.write(result, paths, s.format, s.loudness, job=job.id)
+        # The files record the adapters by the names the request used, not the server's paths.
+        written = output.write(result, paths, s.format, s.loudness, job=job.id, loras=list(s.loras))
         outputs = []
         for i, o in enumerate(written.outputs):
             outputs.append(dict(index=i, seed=o.seed, file=o.path.name, peaks=waveform_peaks(o.audio),

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where results and the history database go (default output/studio)")
     p.add_argument("--weights-dir", type=Path, help="local folder with the weight files (flat or with MLX/)")
     p.add_argument("--queue-size", type=positive_int, default=8, help="jobs waiting at most (default 8); more get 429")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR",
+                   help="LoRA adapters jobs may use: the .safetensors files of DIR, named by file name (without "
+                        ".safetensors) in a job's loras, e.g. [\"my_style:0.8@0.3-1\"]")
     p.add_argument("--preview-every", type=preview_steps, default=4, metavar="N",
                    help="live preview: every N sampling steps the page shows the spectrogram of what the step "
                         "predicts (one decode each; default 4; 0 = off)")
@@ -99,6 +102,8 @@ def run(argv: list[str]) -> int:
         raise UsageError("--api-key must be at least 8 letters, digits or - _ . ~ (e.g. `openssl rand -hex 16`)")
     if args.weights_dir is not None and not args.weights_dir.is_dir():
         raise UsageError(f"--weights-dir {args.weights_dir}: no such folder")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise UsageError(f"--lora-dir {args.lora_dir}: no such folder")
     table = Limits()  # the settings table's own bounds: a server can narrow them, not widen them
     if not 0 < args.max_seconds <= table.max_seconds:
         raise UsageError(f"--max-seconds must be in (0, {table.max_seconds:g}]")
@@ -125,7 +130,7 @@ def run(argv: list[str]) -> int:
     sock = listen(args.host, args.port)
     try:
         studio = Studio(args.output_dir, weights_dir=args.weights_dir, limits=limits, queue_size=args.queue_size,
-                        preview_every=args.preview_every,
+                        preview_every=args.preview_every, lora_dir=args.lora_dir,
                         upload_hours=args.upload_hours, upload_budget_bytes=int(args.upload_budget_mb * 2**20))
     except (sqlite3.Error, OSError) as e:
         sock.close()

@@ -15,6 +15,7 @@ const state = {
   job: null,        // id of the job being watched
   events: null,     // its EventSource
   pending: [],      // ids of a prompt list's jobs still to watch, in order
+  loras: [],        // adapter specs "NAME:STRENGTH[@LO-HI]", in stacking order
   poll: null,       // and its fallback poll timer
 };
 
@@ -215,6 +216,7 @@ function readForm() {
     s[name] = INTEGER_FIELDS.includes(name) ? parseInt(raw, 10) : parseFloat(raw);
   }
   readAdvanced(s);
+  if (state.loras.length) s.loras = state.loras.slice();
   if (state.input) {
     s.init_audio = state.input.init_audio;
     s.inpaint = state.regions.map(([a, b]) => [round(a), round(b)]);
@@ -237,6 +239,8 @@ function fillForm(settings) {
     $(name).value = value === null || value === undefined ? "" : value;
   }
   setAdvanced(settings);
+  state.loras = (settings.loras || []).slice();
+  showLoras();
   if (advancedInUse(settings)) $("advanced").open = true;  // show what the reused settings set
   state.regions = (settings.inpaint || []).map((r) => r.slice());
   if (settings.init_audio) {
@@ -421,6 +425,7 @@ function summary(s) {
   }
   if (s.shift && s.shift !== "model") parts.push(`shift ${s.shift}`);
   if (s.headroom) parts.push(`headroom ${s.headroom} s`);
+  if (s.loras && s.loras.length) parts.push("LoRA " + s.loras.join(", "));
   if (s.negative_prompt) parts.push(`not "${s.negative_prompt}"`);
   if (s.init_audio) parts.push(`from ${describeInput(s.init_audio)}`);
   if (s.inpaint && s.inpaint.length) parts.push("regions " + s.inpaint.map(([a, b]) => `${a}–${b}`).join(", "));
@@ -524,6 +529,36 @@ function fillSelect(select, values) {
   }
 }
 
+// LoRA adapters: names the server offers, each with a strength and an optional noise interval.
+function setUpLoras(names) {
+  $("lora-box").hidden = names.length === 0;
+  fillSelect($("lora-name"), names);
+  $("lora-add").onclick = () => {
+    const strength = $("lora-strength").value.trim() || "1";
+    const lo = $("lora-lo").value.trim(), hi = $("lora-hi").value.trim();
+    let spec = `${$("lora-name").value}:${strength}`;
+    if (lo !== "" || hi !== "") spec += `@${lo || "0"}-${hi || "1"}`;
+    state.loras.push(spec);
+    showLoras();
+  };
+  showLoras();
+}
+
+function showLoras() {
+  const list = $("lora-list");
+  list.textContent = "";
+  state.loras.forEach((spec, i) => {
+    const item = document.createElement("li");
+    item.textContent = spec + " ";
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "Remove";
+    remove.onclick = () => { state.loras.splice(i, 1); showLoras(); };
+    item.appendChild(remove);
+    list.appendChild(item);
+  });
+}
+
 async function start() {
   try {
     state.options = await api("GET", "/api/options");
@@ -536,6 +571,7 @@ async function start() {
   fillSelect($("decoder"), options.decoders);
   fillSelect($("format"), options.formats);
   buildAdvanced();
+  setUpLoras(options.loras || []);
   const prompt = options.fields.find((f) => f.name === "prompt");
   if (prompt) $("prompt").title = prompt.help;
   $("seconds").max = options.limits.max_seconds;
