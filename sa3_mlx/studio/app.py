@@ -55,6 +55,18 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def refusal(e: Exception) -> JSONResponse:
+    """The answer to a request refused for a reason its message gives: a body over its bound 413, a bad
+    setting 400, a full queue 429 (with Retry-After), storage that cannot take it 507."""
+    if isinstance(e, TooLarge):
+        return error(413, str(e))
+    if isinstance(e, QueueFull):
+        return error(429, str(e), {"Retry-After": str(e.retry_after)})
+    if isinstance(e, StorageError):
+        return error(507, str(e))
+    return error(400, str(e))
+
+
 class Guard:
     """ASGI middleware: on every request, the Host and Origin, the API key, and a bound on the body.
 
@@ -195,14 +207,8 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
                 raise BadRequest("the request body nests too deeply (settings are a flat JSON object)") from None
             settings = parse_settings(data, limits)
             job = studio.submit(settings)
-        except TooLarge as e:
-            return error(413, str(e))
-        except BadRequest as e:
-            return error(400, str(e))
-        except QueueFull as e:
-            return error(429, str(e), {"Retry-After": str(e.retry_after)})
-        except StorageError as e:
-            return error(507, str(e))
+        except (BadRequest, QueueFull, StorageError) as e:
+            return refusal(e)
         record = studio.get(job.id)
         return JSONResponse(public_job(record), status_code=202, headers={"Location": f"/api/jobs/{job.id}"})
 
@@ -243,14 +249,8 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
             if len(items) > free:
                 raise QueueFull(studio.retry_after())
             jobs = [studio.submit(s) for s in items]
-        except TooLarge as e:
-            return error(413, str(e))
-        except BadRequest as e:
-            return error(400, str(e))
-        except QueueFull as e:
-            return error(429, str(e), {"Retry-After": str(e.retry_after)})
-        except StorageError as e:
-            return error(507, str(e))
+        except (BadRequest, QueueFull, StorageError) as e:
+            return refusal(e)
         return JSONResponse(dict(jobs=[public_job(studio.get(j.id)) for j in jobs]), status_code=202)
 
     async def list_jobs(request: Request):
@@ -334,12 +334,8 @@ def build_app(studio: Studio, api_key: str | None = None, loopback_only: bool = 
             if not data:
                 raise BadRequest("the upload is empty (send the audio file as the request body)")
             return JSONResponse(await run_in_threadpool(studio.add_upload, data), status_code=201)
-        except TooLarge as e:
-            return error(413, str(e))
-        except BadRequest as e:
-            return error(400, str(e))
-        except StorageError as e:
-            return error(507, str(e))
+        except (BadRequest, StorageError) as e:
+            return refusal(e)
 
     routes = [
         Route("/api/health", health),
