@@ -225,3 +225,28 @@ def test_bad_settings_are_one_line_errors(tmp_path, clips, ckpt, capsys):
     assert main(["train", str(tmp_path / "missing"), "--model", str(ckpt)]) == 2
     assert main(["train", str(clips), "--model", str(ckpt), "--resume", str(tmp_path / "none")]) == 2
     assert "no train_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_base_with_checkpointing(tmp_path, clips, ckpt, precision):
+    """A bf16/fp16 frozen base (LoRA tensors stay fp32), with gradient checkpointing: finite
+    losses, close to the fp32 run's first step."""
+    full = train(_config(clips, tmp_path / "fp32", ckpt=ckpt, steps=3))
+    half = train(_config(clips, tmp_path / precision, ckpt=ckpt, steps=3, base_precision=precision,
+                         checkpointing=True))
+    from sa3_mlx.training.checkpoint import load_state
+
+    params, _, _ = load_state(tmp_path / precision)
+    assert all(np.asarray(v).dtype == np.float32 for v in params.values())
+    losses = [r["loss"] for r in half.log]
+    assert all(np.isfinite(losses))
+    assert abs(losses[0] - full.log[0]["loss"]) < 0.05 * full.log[0]["loss"]
+
+
+def test_python_api(tmp_path, clips, ckpt):
+    import sa3_mlx
+
+    seen = []
+    run = sa3_mlx.train(clips, ckpt, out=str(tmp_path / "api"), steps=2, rank=2, crop=8, save_every=0,
+                        plot_every=0, on_step=seen.append)
+    assert [r.step for r in seen] == [1, 2] and run.lora.is_file() and len(run.log) == 2

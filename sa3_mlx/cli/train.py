@@ -183,6 +183,8 @@ def build_train_parser() -> Parser:
                    "(100; 0 = never)")
     g.add_argument("--base-precision", default="fp32", choices=tuple(PRECISIONS),
                    help="precision of the frozen base weights (LoRA tensors are always fp32)")
+    g.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the DiT blocks: "
+                   "recompute activations in the backward pass (less memory, ~1/3 more time)")
     g.add_argument("--cache", type=Path, metavar="DIR", help="latent cache (default FOLDER/.sa3-cache)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
@@ -207,7 +209,7 @@ def train(argv: list[str]) -> int:
         mask_loss_weight=args.mask_loss_weight, inpaint_probs=args.inpaint_probs,
         silence_extension=args.silence_extension, ot_coupling=not args.no_ot_coupling,
         weight_decay=args.weight_decay, warmup_steps=args.warmup, clip_norm=args.clip,
-        base_precision=args.base_precision, trigger=args.trigger, trigger_prob=args.trigger_prob,
+        base_precision=args.base_precision, checkpointing=args.checkpointing, trigger=args.trigger, trigger_prob=args.trigger_prob,
         cache=str(args.cache) if args.cache else None, plot_every=args.plot_every)
     console = _Console(args.quiet)
     update, _ = _encode_progress(console)

@@ -60,6 +60,7 @@ class TrainConfig:
     warmup_steps: int = 0
     clip_norm: float | None = None
     base_precision: str = "fp32"
+    checkpointing: bool = False  # gradient checkpointing of the DiT blocks
     trigger: str | None = None
     trigger_prob: float = 1.0
     cache: str | None = None
@@ -130,7 +131,8 @@ class Trainer:
             if not LoraParametrization.build(self.model.dit_weights, AdapterConfig(c.adapter, c.rank, c.alpha,
                                              (pattern,), None)).targets:
                 warn(f"--include {pattern!r} matches no module")
-        self.step_fn = TrainStep(dit, conditioner, self.lora, mask_loss_weight=c.mask_loss_weight)
+        self.step_fn = TrainStep(dit, conditioner, self.lora, mask_loss_weight=c.mask_loss_weight,
+                                 checkpointing=c.checkpointing)
         encoder, tokenizer = self.model.load_text(mx.float32)
         self.text = PromptEncoder(encoder, tokenizer, self.model.text.max_length)
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}

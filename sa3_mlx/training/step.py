@@ -60,9 +60,13 @@ class TrainStep:
     each call); ``mask_loss_weight`` > 0 adds the context loss (train_lora.py: 1).
     """
 
-    def __init__(self, dit, conditioner, lora: LoraParametrization, mask_loss_weight: float = 0.0):
+    def __init__(self, dit, conditioner, lora: LoraParametrization, mask_loss_weight: float = 0.0,
+                 checkpointing: bool = False):
         self.dit, self.conditioner, self.lora = dit, conditioner, lora
         self.mask_loss_weight = float(mask_loss_weight)
+        # Gradient checkpointing: each block's activations are recomputed in the backward pass
+        # instead of kept (memory of one block instead of all; about one more forward of time).
+        self._blocks = [nn.utils.checkpoint(layer) for layer in dit.transformer.layers] if checkpointing else None
         self._leaves = {t.key: _leaf(dit, t.key) for t in lora.targets if t.key != SECONDS_KEY}
         self._grad = mx.value_and_grad(self._loss)
 
@@ -104,7 +108,8 @@ class TrainStep:
                 self.dit.timestep_features(batch.t)
             conditioning = self.dit.condition(c["cross_attn_cond_used"], c["global_cond"], local.swapaxes(1, 2),
                                               batch.padding_mask, merge_repeats=False)
-            v = self.dit.predict(noised, self.dit.embed_timestep(features), conditioning).astype(mx.float32)
+            v = self.dit.predict(noised, self.dit.embed_timestep(features), conditioning, blocks=self._blocks,
+                                 queue=False).astype(mx.float32)
             signal_mask, context_mask = loss_masks(batch.padding_mask.astype(mx.float32), mask)
             signal = masked_mse(v, target, signal_mask)
             loss = signal
