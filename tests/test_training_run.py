@@ -250,3 +250,21 @@ def test_python_api(tmp_path, clips, ckpt):
     run = sa3_mlx.train(clips, ckpt, out=str(tmp_path / "api"), steps=2, rank=2, crop=8, save_every=0,
                         plot_every=0, on_step=seen.append)
     assert [r.step for r in seen] == [1, 2] and run.lora.is_file() and len(run.log) == 2
+
+
+def test_demo_clips(tmp_path, clips, ckpt, capsys):
+    out = tmp_path / "demo"
+    assert main(["train", str(clips), "--model", str(ckpt), "--out", str(out), "--steps", "4", "--rank", "2",
+                 "--crop", "8", "--demo-every", "2", "--demo-prompts", "tone|noise", "--demo-seconds", "1",
+                 "--plot-every", "0"]) == 0
+    from sa3_mlx.audio import read_metadata
+
+    for step in (2, 4):
+        files = sorted((out / "demos" / f"step={step}").glob("*.wav"))
+        assert [f.name for f in files] == ["00-tone.wav", "01-noise.wav"]
+        meta = read_metadata(files[0])
+        assert meta["prompt"] == "tone" and meta["training_step"] == step
+        assert meta["loras"][0].startswith(str(out / f"demo-step={step}.safetensors"))
+    capsys.readouterr()
+    assert main(["train", str(clips), "--model", str(ckpt), "--demo-every", "2"]) == 2
+    assert "--demo-prompts" in capsys.readouterr().err

@@ -181,6 +181,11 @@ def build_train_parser() -> Parser:
                    "only at the end)")
     g.add_argument("--plot-every", type=int, default=100, metavar="N", help="write loss plots every N steps "
                    "(100; 0 = never)")
+    g.add_argument("--demo-every", type=int, default=0, metavar="N", help="generate the --demo-prompts with the "
+                   "current LoRA every N steps and at the end, into RUN_DIR/demos/step=N/ (0 = never)")
+    g.add_argument("--demo-prompts", metavar="FILE_OR_TEXT", help="a text file with one prompt per line, or "
+                   "prompts separated by '|'")
+    g.add_argument("--demo-seconds", type=_positive, default=10.0, help="length of each demo clip (10)")
     g.add_argument("--base-precision", default="fp32", choices=tuple(PRECISIONS),
                    help="precision of the frozen base weights (LoRA tensors are always fp32)")
     g.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the DiT blocks: "
@@ -201,7 +206,15 @@ def train(argv: list[str]) -> int:
         raise UsageError(f"{args.folder}: not a folder")
     if args.resume is not None and args.out is not None and args.out.resolve() != args.resume.resolve():
         raise UsageError("--resume RUN_DIR continues that folder; leave out --out (or give the same folder)")
+    prompts = None
+    if args.demo_prompts:
+        source = Path(args.demo_prompts)
+        text = source.read_text(encoding="utf-8") if source.is_file() else args.demo_prompts.replace("|", "\n")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError("--demo-prompts: no prompts given")
     config = TrainConfig(
+        demo_every=args.demo_every, demo_prompts=prompts, demo_seconds=args.demo_seconds,
         data=str(args.folder), model=args.model, out=str(args.resume or args.out) if (args.resume or args.out) else None,
         adapter=args.adapter, rank=args.rank, alpha=args.alpha, include=args.include, exclude=args.exclude,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, save_every=args.save_every,

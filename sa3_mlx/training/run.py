@@ -65,6 +65,10 @@ class TrainConfig:
     trigger_prob: float = 1.0
     cache: str | None = None
     plot_every: int = 100  # write the plots every N steps (and at the end); 0 = never
+    demo_every: int = 0  # generate the demo prompts with the current LoRA every N steps (and at the end); 0 = never
+    demo_prompts: list[str] | None = None
+    demo_seconds: float = 10.0
+    demo_seed: int = 0
 
     def __post_init__(self):
         AdapterConfig(self.adapter, self.rank, self.alpha)  # checks type and rank
@@ -80,6 +84,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.cfg_dropout <= 1 or not 0 <= self.trigger_prob <= 1:
             raise ValueError("cfg dropout and trigger probability must be in 0..1")
+        if self.demo_every and not self.demo_prompts:
+            raise ValueError("demo clips every N steps need prompts (--demo-prompts)")
 
     def adapter_config(self) -> AdapterConfig:
         tup = (lambda v: None if v is None else tuple(v))
@@ -155,6 +161,23 @@ class Trainer:
             keep = [line for line in log.read_text().splitlines() if line.strip()
                     and json.loads(line).get("step", 0) <= self.step]
             checkpoint.atomic_write(log, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep)))
+
+    def demo(self, lora_file: Path, warn: Callable[[str], None] = print) -> list[Path]:
+        """The demo prompts generated with ``lora_file`` (the model's default sampler settings, fixed
+        seed), written to ``demos/step=N/`` with their settings in the files' metadata."""
+        from .. import output
+        from ..pipeline import Pipeline
+
+        c = self.config
+        folder = self.run_dir / "demos" / f"step={self.step}"
+        pipe = Pipeline(str(c.model), loras=[f"{lora_file}:1.0"], progress=False)
+        written = []
+        for i, prompt in enumerate(c.demo_prompts or []):
+            result = pipe.generate(prompt, seconds=c.demo_seconds, seed=c.demo_seed)
+            path = folder / f"{i:02d}-{output.slug(prompt)}.wav"
+            written += [o.path for o in output.write(result, [path], "wav16", overwrite=True,
+                                                     training_step=self.step).outputs]
+        return written
 
     def lora_path(self, step: int | None = None) -> Path:
         return self.run_dir / f"{self.name}-step={self.step if step is None else step}.safetensors"
@@ -310,6 +333,10 @@ def train(config: TrainConfig | None = None, resume: bool = False, warn: Callabl
                     last_saved = trainer.save()
                 if config.plot_every and trainer.step % config.plot_every == 0:
                     _plots(trainer.run_dir, warn)
+                if config.demo_every and (trainer.step % config.demo_every == 0 or trainer.step == config.steps):
+                    if last_saved != trainer.lora_path():
+                        last_saved = trainer.save()
+                    trainer.demo(last_saved, warn)
     except KeyboardInterrupt:
         interrupted = True
         raise
