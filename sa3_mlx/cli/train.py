@@ -189,7 +189,7 @@ def build_train_parser() -> Parser:
     g.add_argument("--base-precision", default="fp32", choices=tuple(PRECISIONS),
                    help="precision of the frozen base weights (LoRA tensors are always fp32)")
     g.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the DiT blocks: "
-                   "recompute activations in the backward pass (less memory, ~1/3 more time)")
+                   "recompute activations in the backward pass (less memory, about one more forward pass of time)")
     g.add_argument("--cache", type=Path, metavar="DIR", help="latent cache (default FOLDER/.sa3-cache)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
