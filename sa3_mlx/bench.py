@@ -201,8 +201,10 @@ def train_main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .runtime import configure_process
     from .training.bench import bench_step
 
+    configure_process()
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     crops = [int(c) for c in args.crops.split(",") if c.strip()]

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from .. import lora as lora_io
@@ -216,3 +217,61 @@ def _module_order(module: str) -> tuple:
 def param_key(module: str, param: str) -> str:
     """Upstream's saved name of a LoRA tensor: ``<module>.parametrizations.weight.0.<param>``."""
     return f"{module}{lora_io.KEY_MARK}0.{param}"
+
+
+class AdaptedLinear(nn.Module):
+    """A Linear (or 1x1 Conv1d over ``[B, T, C]``) with a LoRA parametrization, in factored form.
+
+    Every adapter type's weight is ``diag(r) (W0 + s R L) diag(c)`` with low-rank factors
+    ``L [r, in]``, ``R [out, r]`` (``A``, ``B``; for ``-xs`` ``V^T`` and ``U M``) and optional
+    row / column scales ``r = m / ||V||_row`` (dora-rows, bora) and ``c`` (dora-cols, bora),
+    so ``y = ((x c) W0^T + s ((x c) L^T) R^T) r + bias`` equals ``x W'^T + bias`` without
+    forming the weight for the product, and the backward pass needs no full-size weight
+    gradient (only the norms see the ``[out, in]`` matrix ``V``). The frozen base and the
+    bias are private (not parameters); the adapter tensors are set per step (``adapter``).
+    """
+
+    def __init__(self, w0: mx.array, bias: mx.array | None, kind: str, scale: float, shape: tuple[int, ...],
+                 bases: tuple[mx.array, mx.array] | None = None):
+        super().__init__()
+        self._w0, self._bias, self._kind, self._scale = w0, bias, kind, float(scale)
+        self._shape, self._bases = tuple(shape), bases
+        self.adapter: dict[str, mx.array] = {}
+
+    def _factors(self) -> tuple[mx.array, mx.array]:
+        p = self.adapter
+        if self._kind.endswith("-xs"):
+            u, v = self._bases
+            return v.T, u @ p["M_xs"]
+        return p["lora_A"], p["lora_B"]
+
+    def _scales(self, left: mx.array, right: mx.array) -> tuple[mx.array | None, mx.array | None]:
+        kind, p = self._kind, self.adapter
+        if kind in ("lora", "lora-xs"):
+            return None, None
+        v = self._w0.astype(mx.float32) + self._scale * (right @ left)
+        if kind.startswith("dora-rows"):
+            return p["magnitude"] / (mx.sqrt(mx.sum(v * v, axis=1)) + EPS), None
+        if kind.startswith("dora-cols"):
+            return None, p["magnitude"] / (mx.sqrt(mx.sum(v * v, axis=0)) + EPS)
+        rows = p["magnitude_r"] / (mx.sqrt(mx.sum(v * v, axis=1)) + EPS)
+        h = v * rows[:, None]
+        return rows, p["magnitude_c"] / (mx.sqrt(mx.sum(h * h, axis=0)) + EPS)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        left, right = self._factors()
+        rows, cols = self._scales(left, right)
+        dtype = x.dtype
+        if cols is not None:
+            x = x * cols.astype(dtype)
+        y = x @ self._w0.T + self._scale * ((x @ left.astype(dtype).T) @ right.astype(dtype).T)
+        if rows is not None:
+            y = y * rows.astype(dtype)
+        return y if self._bias is None else y + self._bias
+
+    @property
+    def weight(self) -> mx.array:
+        """The adapted weight in the base layout (for code that reads a module's weight)."""
+        params = dict(self.adapter)
+        return adapted_weight(self._kind, self._scale, params, self._w0, self._bases).astype(
+            self._w0.dtype).reshape(self._shape)

@@ -24,7 +24,7 @@ import mlx.nn as nn
 from .. import kernels
 from ..lora import SECONDS_KEY
 from ..models.layers import fourier_features
-from .adapters import LoraParametrization
+from .adapters import PARAMS, AdaptedLinear, LoraParametrization, param_key
 from .objective import loss_masks, masked_mse, noised_and_target
 
 
@@ -45,7 +45,7 @@ class Batch:
     seconds_features: mx.array | None = None  # inject (tests): [B, F]
 
 
-def _leaf(root: nn.Module, key: str) -> tuple[object, str]:
+def _leaf(root, key: str) -> tuple[object, str]:
     *path, name = key.split(".")
     node = root
     for part in path:
@@ -67,17 +67,35 @@ class TrainStep:
         # Gradient checkpointing: each block's activations are recomputed in the backward pass
         # instead of kept (memory of one block instead of all; about one more forward of time).
         self._blocks = [nn.utils.checkpoint(layer) for layer in dit.transformer.layers] if checkpointing else None
-        self._leaves = {t.key: _leaf(dit, t.key) for t in lora.targets if t.key != SECONDS_KEY}
+        # The DiT's targeted Linear / Conv1d modules become factored adapters over their frozen base.
+        self._adapted: dict[str, AdaptedLinear] = {}
+        config = lora.config
+        for t in lora.targets:
+            if t.key == SECONDS_KEY:
+                continue
+            parent, name = _leaf(dit, t.key[: -len(".weight")])
+            old = parent[int(name)] if isinstance(parent, list) else getattr(parent, name)
+            bias = old["bias"] if "bias" in old else None
+            new = AdaptedLinear(t.w0, bias, config.adapter_type, config.scale, t.shape, t.bases)
+            if isinstance(parent, list):
+                parent[int(name)] = new
+            else:
+                setattr(parent, name, new)
+            self._adapted[t.module] = new
+        self._seconds = next((t for t in lora.targets if t.key == SECONDS_KEY), None)
         self._grad = mx.value_and_grad(self._loss)
 
     def set_weights(self, params) -> None:
-        weights = self.lora.weights(params)
-        for key, w in weights.items():
-            if key == SECONDS_KEY:
-                self.conditioner.seconds_total_weight = w
-            else:
-                node, name = self._leaves[key]
-                node[name] = w
+        kind = self.lora.config.adapter_type
+        for module, layer in self._adapted.items():
+            layer.adapter = {p: params[param_key(module, p)] for p in PARAMS[kind]}
+        if self._seconds is not None:
+            t = self._seconds
+            mine = {p: params[param_key(t.module, p)] for p in PARAMS[kind]}
+            from .adapters import adapted_weight
+
+            w = adapted_weight(kind, self.lora.config.scale, mine, t.w0, t.bases)
+            self.conditioner.seconds_total_weight = w.astype(t.w0.dtype).reshape(t.shape)
 
     def seconds_features(self, seconds: mx.array) -> mx.array:
         c = self.conditioner.config
