@@ -21,7 +21,7 @@ paths relative to the DiT root ``model.`` and the conditioner root ``conditioner
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -227,7 +227,8 @@ class AdaptedLinear(nn.Module):
     row / column scales ``r = m / ||V||_row`` (dora-rows, bora) and ``c`` (dora-cols, bora),
     so ``y = ((x c) W0^T + s ((x c) L^T) R^T) r + bias`` equals ``x W'^T + bias`` without
     forming the weight for the product, and the backward pass needs no full-size weight
-    gradient (only the norms see the ``[out, in]`` matrix ``V``). The frozen base and the
+    gradient, and the norms of ``V`` come from ``[out, r]`` / ``[r, in]`` products (see
+    :meth:`_scales`; bora keeps ``W0**2`` for its column norms). The frozen base and the
     bias are private (not parameters); the adapter tensors are set per step (``adapter``).
     """
 
@@ -236,6 +237,7 @@ class AdaptedLinear(nn.Module):
         super().__init__()
         self._w0, self._bias, self._kind, self._scale = w0, bias, kind, float(scale)
         self._shape, self._bases = tuple(shape), bases
+        self._sq = self._rows = self._cols = None  # squared base norms (constants, made on first use)
         self.adapter: dict[str, mx.array] = {}
 
     def _factors(self) -> tuple[mx.array, mx.array]:
@@ -246,17 +248,45 @@ class AdaptedLinear(nn.Module):
         return p["lora_A"], p["lora_B"]
 
     def _scales(self, left: mx.array, right: mx.array) -> tuple[mx.array | None, mx.array | None]:
-        kind, p = self._kind, self.adapter
+        """Row / column scales from the norms of ``V = W0 + s R L``, without forming ``V``:
+        ``||V_i||^2 = ||W0_i||^2 + 2 s <R_i, (W0 L^T)_i> + s^2 R_i (L L^T) R_i^T`` (rows), the same
+        with the roles of ``L`` and ``R`` exchanged for columns, and for bora's columns of
+        ``diag(r) V`` with ``R`` weighted by ``r^2``."""
+        kind, p, s = self._kind, self.adapter, self._scale
         if kind in ("lora", "lora-xs"):
             return None, None
-        v = self._w0.astype(mx.float32) + self._scale * (right @ left)
-        if kind.startswith("dora-rows"):
-            return p["magnitude"] / (mx.sqrt(mx.sum(v * v, axis=1)) + EPS), None
+        w0 = self._w0.astype(mx.float32)
         if kind.startswith("dora-cols"):
-            return None, p["magnitude"] / (mx.sqrt(mx.sum(v * v, axis=0)) + EPS)
-        rows = p["magnitude_r"] / (mx.sqrt(mx.sum(v * v, axis=1)) + EPS)
-        h = v * rows[:, None]
-        return rows, p["magnitude_c"] / (mx.sqrt(mx.sum(h * h, axis=0)) + EPS)
+            sq = self._col_sq() + 2 * s * mx.sum(left * (right.T @ w0), axis=0) \
+                + s * s * mx.sum(left * ((right.T @ right) @ left), axis=0)
+            return None, p["magnitude"] / (mx.sqrt(mx.maximum(sq, 0)) + EPS)
+        sq = self._row_sq() + 2 * s * mx.sum(right * (w0 @ left.T), axis=1) \
+            + s * s * mx.sum((right @ (left @ left.T)) * right, axis=1)
+        norm = mx.sqrt(mx.maximum(sq, 0))
+        if kind.startswith("dora-rows"):
+            return p["magnitude"] / (norm + EPS), None
+        rows = p["magnitude_r"] / (norm + EPS)
+        r2 = rows * rows
+        weighted = right * r2[:, None]
+        sq_c = r2 @ self._w0_sq() + 2 * s * mx.sum(left * (weighted.T @ w0), axis=0) \
+            + s * s * mx.sum(left * ((weighted.T @ right) @ left), axis=0)
+        return rows, p["magnitude_c"] / (mx.sqrt(mx.maximum(sq_c, 0)) + EPS)
+
+    def _w0_sq(self) -> mx.array:
+        if self._sq is None:
+            w0 = self._w0.astype(mx.float32)
+            self._sq = w0 * w0
+        return self._sq
+
+    def _row_sq(self) -> mx.array:
+        if self._rows is None:
+            self._rows = mx.sum(mx.square(self._w0.astype(mx.float32)), axis=1)
+        return self._rows
+
+    def _col_sq(self) -> mx.array:
+        if self._cols is None:
+            self._cols = mx.sum(mx.square(self._w0.astype(mx.float32)), axis=0)
+        return self._cols
 
     def __call__(self, x: mx.array) -> mx.array:
         left, right = self._factors()

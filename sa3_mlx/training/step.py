@@ -15,7 +15,6 @@ README, "Conventions found in upstream (training)"):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import mlx.core as mx
