@@ -44,6 +44,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
+
+
 def _probs(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -155,7 +165,7 @@ def build_train_parser() -> Parser:
     g.add_argument("--lr", type=_positive, default=1e-4, help="learning rate (default 1e-4)")
     g.add_argument("--batch-size", type=positive_int, default=1, help="items per step (default 1)")
     g.add_argument("--weight-decay", type=_non_negative, default=0.01, help="AdamW decoupled weight decay (0.01)")
-    g.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear learning-rate warm-up steps")
+    g.add_argument("--warmup", type=_count, default=0, metavar="STEPS", help="linear learning-rate warm-up steps")
     g.add_argument("--clip", type=_positive, metavar="NORM", help="clip gradients to this global norm (default off)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial adapter and every random draw")
     g = p.add_argument_group("objective")
@@ -177,11 +187,11 @@ def build_train_parser() -> Parser:
     g.add_argument("--out", type=Path, metavar="RUN_DIR", help="run folder (default loras/<folder name>)")
     g.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where its "
                    "last checkpoint left it (its saved settings are used; --steps may be raised)")
-    g.add_argument("--save-every", type=int, default=500, metavar="N", help="checkpoint every N steps (500; 0 = "
+    g.add_argument("--save-every", type=_count, default=500, metavar="N", help="checkpoint every N steps (500; 0 = "
                    "only at the end)")
-    g.add_argument("--plot-every", type=int, default=100, metavar="N", help="write loss plots every N steps "
+    g.add_argument("--plot-every", type=_count, default=100, metavar="N", help="write loss plots every N steps "
                    "(100; 0 = never)")
-    g.add_argument("--demo-every", type=int, default=0, metavar="N", help="generate the --demo-prompts with the "
+    g.add_argument("--demo-every", type=_count, default=0, metavar="N", help="generate the --demo-prompts with the "
                    "current LoRA every N steps and at the end, into RUN_DIR/demos/step=N/ (0 = never)")
     g.add_argument("--demo-prompts", metavar="FILE_OR_TEXT", help="a text file with one prompt per line, or "
                    "prompts separated by '|'")
