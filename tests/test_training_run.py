@@ -268,3 +268,14 @@ def test_demo_clips(tmp_path, clips, ckpt, capsys):
     capsys.readouterr()
     assert main(["train", str(clips), "--model", str(ckpt), "--demo-every", "2"]) == 2
     assert "--demo-prompts" in capsys.readouterr().err
+
+
+def test_xs_bases_are_computed_once_per_run(tmp_path, clips, ckpt, monkeypatch):
+    from sa3_mlx.training import adapters
+
+    out = tmp_path / "xs"
+    train(_config(clips, out, ckpt=ckpt, steps=2, adapter="lora-xs"))
+    assert (out / "svd_bases.safetensors").is_file()
+    monkeypatch.setattr(adapters, "svd_bases", lambda *a: (_ for _ in ()).throw(AssertionError("SVD again")))
+    resumed = train(_config(clips, out, ckpt=ckpt, steps=4, adapter="lora-xs"), resume=True)
+    assert resumed.steps == 4 and lora.read_lora(resumed.lora).adapter_type == "lora-xs"

@@ -26,6 +26,7 @@ from .optimizer import AdamW
 from .step import Batch, TrainStep
 
 LOG_FILE = "train_log.jsonl"
+BASES_FILE = "svd_bases.safetensors"
 CONFIG_FILE = "train_config.json"
 PRECISIONS = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 
@@ -124,11 +125,13 @@ class Trainer:
         self.name = self.run_dir.resolve().name
         self.items: list[Item] = encode_folder(c.data, self.model, c.cache, warn=warn, progress=encode_progress)
         self.rate = int(self.model.sample_rate)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         default_crop = int(math.ceil((self.model.training_seconds or 30.0) * self.rate / 4096))
         self.crop = int(c.crop or default_crop)
         dtype = PRECISIONS[c.base_precision]
         dit, conditioner = self.model.load_dit(dtype=dtype)
-        self.lora = LoraParametrization.build(self.model.dit_weights, c.adapter_config(), base_dtype=dtype)
+        self.lora = LoraParametrization.build(self.model.dit_weights, c.adapter_config(), base_dtype=dtype,
+                                              bases=self._cached_bases())
         if not self.lora.targets:
             raise ValueError(f"--include {c.include} / --exclude {c.exclude} select no module of the model "
                              "(module names look like model.transformer.layers.0.self_attn.to_qkv; "
@@ -149,6 +152,34 @@ class Trainer:
         self.silence = silence_latent(c.data, self.model, c.cache).astype(np.float32)
 
     # ---- state
+    def _cached_bases(self) -> dict | None:
+        """-xs adapters: the SVD bases of the base weights, computed once per run and kept in the run
+        folder (``svd_bases.safetensors``), so a resume (or a slow SVD of a large model) reuses them."""
+        if not self.config.adapter.endswith("-xs"):
+            return None
+        from safetensors.numpy import load_file, save_file
+
+        from .adapters import svd_bases
+        from ..lora import key_to_module, target_keys
+
+        path = self.run_dir / BASES_FILE
+        rank = self.config.rank
+        if path.is_file():
+            flat = load_file(str(path))
+            out = {k[:-2]: (flat[k], flat[k[:-2] + ".V"]) for k in flat if k.endswith(".U")}
+            if all(u.shape[1] == rank for u, _ in out.values()):
+                return out
+        config = self.config.adapter_config()
+        out = {}
+        for key in target_keys(self.model.dit_weights):
+            module = key_to_module(key)
+            if config.targets(module):
+                w = np.asarray(self.model.dit_weights[key], np.float32)
+                out[module] = svd_bases(w.reshape(w.shape[0], -1), rank)
+        flat = {f"{m}.{n}": a for m, (u, v) in out.items() for n, a in (("U", u), ("V", v))}
+        checkpoint.atomic_write(path, lambda tmp: save_file(flat, str(tmp)))
+        return out
+
     def resume(self) -> None:
         params, opt, info = checkpoint.load_state(self.run_dir)
         if set(params) != set(self.params):
