@@ -116,6 +116,9 @@ def test_encode_cache_and_warnings(tmp_path, model, ckpt, monkeypatch, capsys):
     sf.write(folder / "tone_a.wav", np.zeros((RATE, 2)) + 0.25, RATE)  # changed content
     assert main(["encode", str(folder), "--model", str(ckpt)]) == 0
     assert len(calls) == 1
+    Path(noise["latents"]).write_bytes(b"PK\x03\x04 damaged")  # a damaged cache entry is encoded again
+    assert main(["encode", str(folder), "--model", str(ckpt)]) == 0
+    assert len(calls) == 2 and np.load(noise["latents"])["latents"].shape == (256, 22)
     capsys.readouterr()
     empty = tmp_path / "empty"
     empty.mkdir()

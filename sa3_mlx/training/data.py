@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,7 +216,12 @@ def encode_folder(folder: str | Path, model, cache: str | Path | None = None, wa
                     meta = json.loads(meta_file.read_text())
                     if meta.get("version") != CACHE_VERSION:
                         meta = None
-                except ValueError:
+                    else:  # a damaged cache file is encoded again, never a failure mid-run
+                        with np.load(lat_file) as f:
+                            if f["latents"].shape != (codec.LATENT_CHANNELS, int(meta["length"])):
+                                meta = None
+                except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile):
+                    warn(f"{path}: its cached latents are damaged; encoding it again")
                     meta = None
             if meta is None:
                 try:
