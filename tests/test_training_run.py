@@ -76,6 +76,9 @@ def test_captions_in_order(tmp_path):
     texts = {data_mod.caption_text(caps["g"], np.random.default_rng(s)) for s in range(20)}
     assert len(texts) > 1 and all(sorted(t.split(", ")) == sorted(caps["g"].pieces) for t in texts)
     assert data_mod.caption_text(caps["j"], np.random.default_rng(0), trigger="zq").startswith("zq, warm pad, ")
+    subsets = [data_mod.caption_text(caps["g"], np.random.default_rng(s), tag_keep=0.4).split(", ") for s in range(30)]
+    assert all(1 <= len(t) <= 3 and set(t) <= set(caps["g"].pieces) for t in subsets)
+    assert len({len(t) for t in subsets}) > 1
     (tmp_path / "bad.json").write_text("{")
     sf.write(tmp_path / "bad.flac", audio, RATE)
     assert data_mod.read_caption(tmp_path / "bad.flac", warnings.append).source == "filename"

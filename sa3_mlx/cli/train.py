@@ -183,6 +183,8 @@ def build_train_parser() -> Parser:
     g.add_argument("--no-ot-coupling", action="store_true", help="pair noise and latents at random, not by OT")
     g.add_argument("--trigger", metavar="WORD", help="a trigger word put before every caption")
     g.add_argument("--trigger-prob", type=_fraction, default=1.0, help="probability of the trigger word (1)")
+    g.add_argument("--tag-keep", type=_fraction, default=1.0, help="tag captions: keep each piece with this "
+                   "probability, a random subset per step (1 = all, in a random order)")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, metavar="RUN_DIR", help="run folder (default loras/<folder name>)")
     g.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where its "
@@ -225,14 +227,16 @@ def train(argv: list[str]) -> int:
             raise UsageError("--demo-prompts: no prompts given")
     config = TrainConfig(
         demo_every=args.demo_every, demo_prompts=prompts, demo_seconds=args.demo_seconds,
-        data=str(args.folder), model=args.model, out=str(args.resume or args.out) if (args.resume or args.out) else None,
+        data=str(args.folder), model=args.model,
+        out=str(args.resume or args.out) if (args.resume or args.out) else None,
         adapter=args.adapter, rank=args.rank, alpha=args.alpha, include=args.include, exclude=args.exclude,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, save_every=args.save_every,
         crop=args.crop, timestep_sampler=args.timestep_sampler, cfg_dropout=args.cfg_dropout,
         mask_loss_weight=args.mask_loss_weight, inpaint_probs=args.inpaint_probs,
         silence_extension=args.silence_extension, ot_coupling=not args.no_ot_coupling,
         weight_decay=args.weight_decay, warmup_steps=args.warmup, clip_norm=args.clip,
-        base_precision=args.base_precision, checkpointing=args.checkpointing, trigger=args.trigger, trigger_prob=args.trigger_prob,
+        base_precision=args.base_precision, checkpointing=args.checkpointing, trigger=args.trigger,
+        trigger_prob=args.trigger_prob, tag_keep=args.tag_keep,
         cache=str(args.cache) if args.cache else None, plot_every=args.plot_every)
     console = _Console(args.quiet)
     update, _ = _encode_progress(console)

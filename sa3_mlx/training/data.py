@@ -57,12 +57,17 @@ class Caption:
 
 
 def caption_text(caption: Caption, rng: np.random.Generator, trigger: str | None = None,
-                 trigger_prob: float = 1.0) -> str:
-    """The prompt for one step: the fixed prompt, then the tag pieces in a random order; the
-    trigger word first with probability ``trigger_prob``."""
+                 trigger_prob: float = 1.0, tag_keep: float = 1.0) -> str:
+    """The prompt for one step: the fixed prompt, then the tag pieces in a random order (each kept
+    with probability ``tag_keep``, at least one); the trigger word first with probability ``trigger_prob``."""
     parts = [caption.prompt] if caption.prompt else []
     if caption.pieces:
-        parts += [caption.pieces[i] for i in rng.permutation(len(caption.pieces))]
+        order = rng.permutation(len(caption.pieces))
+        if tag_keep < 1.0:
+            kept = rng.random(len(order)) < tag_keep
+            kept[int(rng.integers(len(order)))] = True
+            order = order[kept]
+        parts += [caption.pieces[i] for i in order]
     text = ", ".join(parts)
     if trigger and rng.random() < trigger_prob:
         text = f"{trigger}, {text}" if text else trigger

@@ -64,6 +64,7 @@ class TrainConfig:
     checkpointing: bool = False  # gradient checkpointing of the DiT blocks
     trigger: str | None = None
     trigger_prob: float = 1.0
+    tag_keep: float = 1.0  # probability of keeping each tag piece of a tag caption (a random subset per step)
     cache: str | None = None
     plot_every: int = 100  # write the plots every N steps (and at the end); 0 = never
     demo_every: int = 0  # generate the demo prompts with the current LoRA every N steps (and at the end); 0 = never
@@ -83,8 +84,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if not 0 <= self.cfg_dropout <= 1 or not 0 <= self.trigger_prob <= 1:
-            raise ValueError("cfg dropout and trigger probability must be in 0..1")
+        if not 0 <= self.cfg_dropout <= 1 or not 0 <= self.trigger_prob <= 1 or not 0 <= self.tag_keep <= 1:
+            raise ValueError("cfg dropout, trigger and tag probabilities must be in 0..1")
         if self.demo_every and not self.demo_prompts:
             raise ValueError("demo clips every N steps need prompts (--demo-prompts)")
 
@@ -280,7 +281,7 @@ class Trainer:
         noise = rng.standard_normal(x0.shape, dtype=np.float32)
         if c.ot_coupling and len(items) > 1:
             noise = noise[objective.ot_coupling(x0, noise)]
-        texts = [caption_text(item.caption, rng, c.trigger, c.trigger_prob) for item in items]
+        texts = [caption_text(item.caption, rng, c.trigger, c.trigger_prob, c.tag_keep) for item in items]
         embeds, mask = self._prompts(texts)
         batch = Batch(x0=mx.array(x0), noise=mx.array(noise), t=mx.array(t), prompt_embeds=embeds, prompt_mask=mask,
                       seconds=mx.array(np.array(seconds, np.float32)), cfg_keep=mx.array(keep),
