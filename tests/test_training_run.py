@@ -285,3 +285,13 @@ def test_xs_bases_are_computed_once_per_run(tmp_path, clips, ckpt, monkeypatch):
     monkeypatch.setattr(adapters, "svd_bases", lambda *a: (_ for _ in ()).throw(AssertionError("SVD again")))
     resumed = train(_config(clips, out, ckpt=ckpt, steps=4, adapter="lora-xs"), resume=True)
     assert resumed.steps == 4 and lora.read_lora(resumed.lora).adapter_type == "lora-xs"
+
+
+def test_every_train_flag_is_in_the_readme():
+    from sa3_mlx.cli.train import build_train_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Train your own LoRA"):readme.index("## Linux CPU")]
+    flags = [o for a in build_train_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    missing = [f for f in flags if f"`{f}" not in section]
+    assert not missing, f"flags not in the README's table: {missing}"

@@ -327,6 +327,7 @@ def train(config: TrainConfig | None = None, resume: bool = False, warn: Callabl
     ``resume``: continue the run in ``out`` from its last checkpoint (its saved settings are
     used; ``steps`` may be raised). Ctrl-C / SIGTERM save a checkpoint, then re-raise.
     """
+    train.last_result = None  # set once the run has a trainer (the CLI reports the checkpoint of an interrupt)
     if config is None:
         config = TrainConfig(**settings)
     if resume:
