@@ -6,6 +6,11 @@
     result.audio        # numpy [batch, 2, samples] float32 at result.sample_rate (44100)
 
 The models stay loaded in ``pipe``: call ``generate`` as often as you like.
+
+    from sa3_mlx import train
+    run = train("my_songs/", "stabilityai/stable-audio-3-small-music-base", steps=2000, out="loras/my_style")
+    run.lora            # the LoRA file (upstream's format; load it with load(..., loras=[run.lora]))
+    run.log             # one dict per step: loss, lr, grad_norm, t
 """
 
 from __future__ import annotations
@@ -50,4 +55,21 @@ def generate(pipeline, prompt: str, **settings):
     return pipeline.generate(prompt, **settings)
 
 
-__all__ = ["load", "generate", "__version__"]
+def train(data: str | Path, model: str, resume: bool = False, **settings):
+    """Train a LoRA on a folder of audio (what ``sa3 train`` runs) and return its
+    :class:`~sa3_mlx.training.run.TrainResult` (run folder, LoRA file, log, timing).
+
+    ``settings`` are the fields of :class:`~sa3_mlx.training.run.TrainConfig` (``adapter``,
+    ``rank``, ``alpha``, ``steps``, ``lr``, ``batch_size``, ``include``, ``exclude``, ``out``,
+    ``save_every``, ``crop``, ``seed``, ``base_precision``, ...). ``resume=True`` continues the
+    run in ``out`` exactly. Pass ``on_step=callable`` to see each step's record.
+    """
+    from .runtime import configure_process
+    from .training.run import TrainConfig, train as run_training
+
+    configure_process()
+    hooks = {k: settings.pop(k) for k in ("on_step", "on_start", "warn", "encode_progress") if k in settings}
+    return run_training(TrainConfig(data=str(data), model=str(model), **settings), resume=resume, **hooks)
+
+
+__all__ = ["load", "generate", "train", "__version__"]

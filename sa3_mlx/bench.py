@@ -195,6 +195,47 @@ def cold_main(args) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+def train_main(args) -> int:
+    """``sa3 bench --train``: one row per model x adapter x crop, in this process."""
+    import mlx.core as mx
+    from rich.console import Console
+    from rich.table import Table
+
+    from .runtime import configure_process
+    from .training.bench import bench_step
+
+    configure_process()
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    crops = [int(c) for c in args.crops.split(",") if c.strip()]
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    steps = args.repeat if args.repeat is not None else (10 if on_gpu else 2)
+    warmup = args.warmup if args.warmup is not None else (2 if on_gpu else 1)
+    hw = hardware()
+    console = Console(stderr=args.json, highlight=False)
+    console.print(f"[dim]{' | '.join(f'{k} {v}' for k, v in hw.items())}[/dim]")
+    results = []
+    for model in models:
+        for adapter in adapters:
+            for crop in crops:
+                console.print(f"  training {model} {adapter} r{args.rank} crop {crop} ...", end="")
+                r = bench_step(model, crop, adapter, args.rank, steps=steps, warmup=warmup, dtype=args.dit_dtype,
+                               checkpointing=args.checkpointing)
+                results.append(r)
+                console.print(f" {r['ms_per_step']:.0f} ms/step")
+    if args.json:
+        print(json.dumps({"hardware": hw, "results": results}, indent=2))
+        return 0
+    table = Table(box=None, padding=(0, 1))
+    for column in ("model", "adapter", "crop", "base", "ms/step", "it/s", "peak mem", "trainable"):
+        table.add_column(column, justify="left" if column in ("model", "adapter") else "right")
+    for r in results:
+        table.add_row(r["model"], r["adapter"], str(r["crop"]), r["base_precision"], f"{r['ms_per_step']:.0f}",
+                      f"{r['it_per_s']:.2f}", f"{r['peak_bytes'] / 1024**3:.2f} GB", f"{r['trainable_parameters']:,}")
+    console.print(table)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     from .arguments import Parser
 
@@ -217,10 +258,19 @@ def main(argv: list[str]) -> int:
                         "--bundle-dir), with the process's peak resident memory")
     p.add_argument("--bundle-dir", default=str(Path.home() / ".cache" / "sa3-mlx" / "random-bundle"),
                    help="where --cold --random-weights keeps its files (default ~/.cache/sa3-mlx/random-bundle)")
+    p.add_argument("--train", action="store_true",
+                   help="time LoRA training steps instead (random full-size weights): ms/step, it/s, peak memory, "
+                        "trainable parameters per model and crop")
+    p.add_argument("--crops", default="256,1300", help="--train: comma-separated crop lengths in latents (256,1300)")
+    p.add_argument("--adapters", default="dora-rows,lora", help="--train: comma-separated adapter types")
+    p.add_argument("--rank", type=int, default=16, help="--train: adapter rank (16)")
+    p.add_argument("--checkpointing", action="store_true", help="--train: gradient checkpointing of the blocks")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print its JSON
     args = p.parse_args(argv)
     if args.cold:
         return cold_main(args)
+    if args.train:
+        return train_main(args)
 
     if args.cell:
         spec = json.loads(args.cell)

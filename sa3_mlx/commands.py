@@ -1,5 +1,6 @@
 """The ``sa3`` entry point (also ``python -m sa3_mlx``): routes ``sa3 [generate] ...`` and the tools
-(``download``, ``doctor``, ``info``, ``convert``, ``encode-audio``, ``decode-latents``) to the CLI front end (:mod:`sa3_mlx.cli`), ``sa3 bench``
+(``download``, ``doctor``, ``info``, ``convert``, ``encode-audio``, ``decode-latents``, ``encode``, ``train``) to
+the CLI front end (:mod:`sa3_mlx.cli`), ``sa3 bench``
 to :mod:`sa3_mlx.bench` and ``sa3 studio`` to the studio front end (:mod:`sa3_mlx.studio`), so that
 the front ends never import each other. It also owns what every command shares: one ``error:`` line
 and exit code 2 for a failure, 130 for Ctrl-C, 128 + N for SIGTERM and SIGHUP, treated alike.
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("generate", "download", "doctor", "info", "bench", "studio", "convert", "encode-audio", "decode-latents")
+COMMANDS = ("generate", "download", "doctor", "info", "bench", "studio", "convert", "encode-audio", "decode-latents",
+            "encode", "train")
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -25,6 +27,10 @@ def _dispatch(argv: list[str]) -> int:
         from .bench import main as bench
 
         return bench(argv)
+    if command in ("encode", "train"):
+        from .cli import train
+
+        return getattr(train, command)(argv)
     if command == "studio":
         from .studio.server import run as studio
 

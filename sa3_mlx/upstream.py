@@ -674,6 +674,8 @@ class UpstreamModel:
     sampling: SamplingSpec | None = None
     seconds_range: tuple[float, float] = (0.0, MAX_SECONDS)
     training_seconds: float | None = None  # model_config's sample_size: clips beyond it are off-distribution
+    # model.diffusion.distribution_shift_options: the timestep shift of training (sa3 train), None = none
+    training_shift: dict | None = None
 
     @property
     def is_generator(self) -> bool:
@@ -815,8 +817,10 @@ def parse(root: Path) -> UpstreamModel:
     if local_ids != ["inpaint_mask", "inpaint_masked_input"]:
         raise UpstreamError(f"{file}: 'model.diffusion.local_add_cond_ids' must be ['inpaint_mask', 'inpaint_masked_input'], got {local_ids!r}")
     shift = _check_shift(diffusion.get("sampling_distribution_shift_options"), file)
-    # Training-only or always-on in generate(): read, nothing to configure.
-    for key in ("distribution_shift_options", "mask_padding_attention", "use_effective_length_for_schedule"):
+    # Training-only (kept for sa3 train) or always-on in generate(): read, nothing to configure.
+    training_shift = diffusion.get("distribution_shift_options")
+    training_shift = dict(training_shift) if isinstance(training_shift, dict) else None
+    for key in ("mask_padding_attention", "use_effective_length_for_schedule"):
         diffusion.get(key)
     dit_kwargs = _check_dit(diffusion.child("config"), file)
     diffusion.done()
@@ -834,7 +838,7 @@ def parse(root: Path) -> UpstreamModel:
     training_seconds = sample_size / sample_rate if isinstance(sample_size, (int, float)) and sample_size > 0 else None
     return UpstreamModel(
         root, model_type, sample_rate, codec, same_weights, dit_kwargs, dit_weights, text,
-        SamplingSpec(objective, shift), seconds_range, training_seconds,
+        SamplingSpec(objective, shift), seconds_range, training_seconds, training_shift,
     )
 
 

@@ -224,12 +224,13 @@ class ContinuousTransformer(nn.Module):
 
     def __call__(
         self, x: mx.array, context_kv: list, global_embed: mx.array, local_embeds: list[mx.array],
-        value_mask: mx.array | None = None, blocks: list | None = None,
+        value_mask: mx.array | None = None, blocks: list | None = None, queue: bool = True,
     ) -> mx.array:
         """``x`` [B, T, C_io] -> [B, T, C_io]; ``global_embed`` [B, E] includes the timestep.
 
         ``blocks``: callables to run instead of the layers (e.g. each compiled); each
-        block's evaluation is then queued as soon as it is built (not under mx.compile).
+        block's evaluation is then queued as soon as it is built (not under mx.compile),
+        unless ``queue`` is False (e.g. gradient-checkpointed blocks inside a gradient).
         """
         h = self.project_in(x)
         memory = mx.broadcast_to(self.memory_tokens, (h.shape[0], *self.memory_tokens.shape))
@@ -242,6 +243,8 @@ class ContinuousTransformer(nn.Module):
                 h = self.layers[i](h, kv, adaln, local_embed, *extras)
                 continue
             h = blocks[i](h, kv, adaln, local_embed, *extras)
+            if not queue:
+                continue
             # Queue this block, then wait for the one before: the device stays busy, and
             # buffers (allocated when work is queued) exist for at most two blocks.
             mx.async_eval(h)
@@ -335,7 +338,8 @@ class DiT(nn.Module):
         return run_layers(self.to_timestep_embed, features.astype(self.dtype))
 
     def predict(
-        self, x: mx.array, timestep_embed: mx.array, cond: DiTConditioning, blocks: list | None = None
+        self, x: mx.array, timestep_embed: mx.array, cond: DiTConditioning, blocks: list | None = None,
+        queue: bool = True,
     ) -> mx.array:
         """One step's velocity: ``x`` [B, C_io, T] channels-first -> ``v`` [B, C_io, T].
 
@@ -347,7 +351,7 @@ class DiT(nn.Module):
         x = x.astype(self.dtype).swapaxes(1, 2)
         h = self.preprocess_conv(x) + x
         h = self.transformer(h, cond.context_kv, cond.global_embed + timestep_embed, cond.local_embeds,
-                             cond.value_mask, blocks)
+                             cond.value_mask, blocks, queue)
         out = self.postprocess_conv(h) + h
         return out.swapaxes(1, 2)
 

@@ -1,0 +1,144 @@
+"""One training step: conditioning assembly, the DiT with LoRA, the loss and its gradients.
+
+Conventions of upstream ``DiffusionCondTrainingWrapper.training_step`` (see the reference
+README, "Conventions found in upstream (training)"):
+
+* cross-attention conditioning = ``[prompt embeddings with the learned padding embedding
+  at masked positions (S tokens), seconds token]``; the seconds token is the seconds
+  conditioner's Linear (with its LoRA) of the Fourier features of ``clamp(sec) / max``;
+  the global conditioning is the same seconds token. The cross-attention mask is ignored.
+* CFG dropout zeroes the whole cross-attention row of a dropped item (before
+  ``to_cond_embed``), not the global conditioning, nor the local conditioning.
+* ``local_add_cond = [inpaint_mask, x0 * inpaint_mask]`` (257 channels; all zeros for FULL_MASK).
+* the padding mask zeroes self-attention values of padded latents (``DiT.condition``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import kernels
+from ..lora import SECONDS_KEY
+from ..models.layers import fourier_features
+from .adapters import PARAMS, AdaptedLinear, LoraParametrization, param_key
+from .objective import loss_masks, masked_mse, noised_and_target
+
+
+@dataclass
+class Batch:
+    """A training batch with every random draw made. Layouts as upstream: latents channels-first."""
+
+    x0: mx.array  # [B, C, T] clean latents
+    noise: mx.array  # [B, C, T] (after the OT permutation)
+    t: mx.array  # [B] after the distribution shift
+    prompt_embeds: mx.array  # [B, S, C_cond] text encoder output
+    prompt_mask: mx.array  # [B, S] 1 = token
+    seconds: mx.array  # [B] seconds_total
+    cfg_keep: mx.array  # [B] 1 = conditioning kept, 0 = dropped
+    padding_mask: mx.array  # [B, T] 1 = valid latent (after the silence extension)
+    inpaint_mask: mx.array  # [B, T] 1 = provided (context)
+    timestep_features: mx.array | None = None  # inject (tests): [B, F]
+    seconds_features: mx.array | None = None  # inject (tests): [B, F]
+
+
+def _leaf(root, key: str) -> tuple[object, str]:
+    *path, name = key.split(".")
+    node = root
+    for part in path:
+        node = node[int(part)] if isinstance(node, list) else node[part] if isinstance(node, dict) else getattr(node, part)
+    return node, name
+
+
+class TrainStep:
+    """The loss of a batch as a function of the LoRA tensors, and its gradients.
+
+    ``dit`` and ``conditioner`` hold the frozen base (their adapted weights are set on
+    each call); ``mask_loss_weight`` > 0 adds the context loss (train_lora.py: 1).
+    """
+
+    def __init__(self, dit, conditioner, lora: LoraParametrization, mask_loss_weight: float = 0.0,
+                 checkpointing: bool = False):
+        self.dit, self.conditioner, self.lora = dit, conditioner, lora
+        self.mask_loss_weight = float(mask_loss_weight)
+        # Gradient checkpointing: each block's activations are recomputed in the backward pass
+        # instead of kept (memory of one block instead of all; about one more forward of time).
+        self._blocks = [nn.utils.checkpoint(layer) for layer in dit.transformer.layers] if checkpointing else None
+        # The DiT's targeted Linear / Conv1d modules become factored adapters over their frozen base.
+        self._adapted: dict[str, AdaptedLinear] = {}
+        config = lora.config
+        for t in lora.targets:
+            if t.key == SECONDS_KEY:
+                continue
+            parent, name = _leaf(dit, t.key[: -len(".weight")])
+            old = parent[int(name)] if isinstance(parent, list) else getattr(parent, name)
+            bias = old["bias"] if "bias" in old else None
+            new = AdaptedLinear(t.w0, bias, config.adapter_type, config.scale, t.shape, t.bases)
+            if isinstance(parent, list):
+                parent[int(name)] = new
+            else:
+                setattr(parent, name, new)
+            self._adapted[t.module] = new
+        self._seconds = next((t for t in lora.targets if t.key == SECONDS_KEY), None)
+        self._grad = mx.value_and_grad(self._loss)
+
+    def set_weights(self, params) -> None:
+        kind = self.lora.config.adapter_type
+        for module, layer in self._adapted.items():
+            layer.adapter = {p: params[param_key(module, p)] for p in PARAMS[kind]}
+        if self._seconds is not None:
+            t = self._seconds
+            mine = {p: params[param_key(t.module, p)] for p in PARAMS[kind]}
+            from .adapters import adapted_weight
+
+            w = adapted_weight(kind, self.lora.config.scale, mine, t.w0, t.bases)
+            self.conditioner.seconds_total_weight = w.astype(t.w0.dtype).reshape(t.shape)
+
+    def seconds_features(self, seconds: mx.array) -> mx.array:
+        c = self.conditioner.config
+        s = mx.clip(seconds.astype(mx.float32), c.seconds_min, c.seconds_max)
+        return fourier_features((s - c.seconds_min) / (c.seconds_max - c.seconds_min), self.conditioner._freqs)
+
+    def conditioning(self, batch: Batch) -> dict[str, mx.array]:
+        cond = self.conditioner
+        features = batch.seconds_features if batch.seconds_features is not None else self.seconds_features(batch.seconds)
+        w = cond.seconds_total_weight
+        seconds_embed = (features.astype(w.dtype) @ w.T + cond.seconds_total_bias.astype(w.dtype))[:, None, :]
+        embeds = batch.prompt_embeds.astype(mx.float32)
+        padded = cond.pad_prompt(embeds, batch.prompt_mask, "learned")
+        cross = mx.concatenate([padded, seconds_embed.astype(padded.dtype)], axis=1)
+        used = cross * batch.cfg_keep.astype(cross.dtype)[:, None, None]
+        return {"seconds_embed": seconds_embed, "prompt_embeds_padded": padded, "cross_attn_cond": cross,
+                "cross_attn_cond_used": used, "global_cond": seconds_embed[:, 0]}
+
+    def forward(self, params, batch: Batch) -> dict[str, mx.array]:
+        """Every intermediate of the step (the model output ``v`` included), for checking."""
+        with kernels.use("mlx"):  # plain MLX ops: the CPU numpy paths are not differentiable
+            self.set_weights(params)
+            c = self.conditioning(batch)
+            mask = batch.inpaint_mask.astype(mx.float32)
+            local = mx.concatenate([mask[:, None, :], batch.x0 * mask[:, None, :]], axis=1)  # [B, 1 + C, T]
+            noised, target = noised_and_target(batch.x0, batch.noise, batch.t)
+            features = batch.timestep_features if batch.timestep_features is not None else \
+                self.dit.timestep_features(batch.t)
+            conditioning = self.dit.condition(c["cross_attn_cond_used"], c["global_cond"], local.swapaxes(1, 2),
+                                              batch.padding_mask, merge_repeats=False)
+            v = self.dit.predict(noised, self.dit.embed_timestep(features), conditioning, blocks=self._blocks,
+                                 queue=False).astype(mx.float32)
+            signal_mask, context_mask = loss_masks(batch.padding_mask.astype(mx.float32), mask)
+            signal = masked_mse(v, target, signal_mask)
+            loss = signal
+            if self.mask_loss_weight > 0:
+                loss = loss + self.mask_loss_weight * masked_mse(v, target, context_mask)
+        return {**c, "local_add_cond": local, "noised": noised, "target": target, "v": v, "loss_mask": signal_mask,
+                "signal_loss": signal, "loss": loss}
+
+    def _loss(self, params, batch: Batch):
+        return self.forward(params, batch)["loss"]
+
+    def loss_and_grad(self, params, batch: Batch):
+        """``(loss, grads)`` with the grads in the layout of ``params``."""
+        with kernels.use("mlx"):
+            return self._grad(params, batch)
