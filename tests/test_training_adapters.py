@@ -126,3 +126,18 @@ def test_differential_dit_step_equals_the_merged_form(kind):
     assert scale > 0
     for key, g in grads_m.items():
         np.testing.assert_allclose(np.array(grads_f[key]), np.array(g), atol=2e-6 * scale, err_msg=key)
+
+
+def test_a_bfloat16_base_in_memory_builds_adapters():
+    """Bases held as MLX bfloat16 arrays (what a GPU run with random weights holds) build like fp32 ones:
+    numpy has no bfloat16, so they are widened first (the H200 bench failed here)."""
+    from sa3_mlx.training.adapters import AdapterConfig, LoraParametrization
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.1, (96, 64)).astype(np.float32)
+    weights = {"transformer.layers.0.self_attn.to_qkv.weight": mx.array(w).astype(mx.bfloat16)}
+    built = LoraParametrization.build(weights, AdapterConfig("lora", 2), base_dtype=mx.bfloat16)
+    reference = LoraParametrization.build({k: np.asarray(v.astype(mx.float32)) for k, v in weights.items()},
+                                          AdapterConfig("lora", 2), base_dtype=mx.bfloat16)
+    assert [t.key for t in built.targets] == [t.key for t in reference.targets] == list(weights)
+    assert mx.array_equal(built.targets[0].w0, reference.targets[0].w0).item()

@@ -137,7 +137,10 @@ class LoraParametrization:
         for module, key in dit + rest:
             if not config.targets(module):
                 continue
-            base = np.asarray(weights[key])
+            base = weights[key]
+            if isinstance(base, mx.array) and base.dtype == mx.bfloat16:  # numpy has no bfloat16 (GPU bases)
+                base = base.astype(mx.float32)
+            base = np.asarray(base)
             w0 = base.reshape(base.shape[0], -1)
             b = None
             if config.adapter_type.endswith("-xs"):
