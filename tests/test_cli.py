@@ -366,10 +366,11 @@ def test_play_uses_a_player_on_path_or_says_there_is_none(generate, work, monkey
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def run_in_terminal(args: list, cwd: Path, interrupt_when: str | None = None, timeout: float = 120):
+def run_in_terminal(args: list, cwd: Path, interrupt_when: str | None = None, timeout: float = 120,
+                    signum: int = signal.SIGINT):
     """Run ``python -m sa3_mlx ARGS`` with a pseudo-terminal as stdout and stderr.
 
-    With ``interrupt_when``, SIGINT is sent once that text has been printed.
+    With ``interrupt_when``, ``signum`` (SIGINT: Ctrl-C) is sent once that text has been printed.
     Returns (exit code, everything printed, colour codes removed).
     """
     master, slave = pty.openpty()
@@ -393,7 +394,7 @@ def run_in_terminal(args: list, cwd: Path, interrupt_when: str | None = None, ti
                 break
             if interrupt_when and not interrupted and interrupt_when in ANSI_ESCAPE.sub("", printed.decode("utf-8", "replace")):
                 time.sleep(0.3)  # a few steps in
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signum)
                 interrupted = True
         code = proc.wait(timeout=10)
     finally:

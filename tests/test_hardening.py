@@ -22,7 +22,7 @@ from sa3_mlx.settings import validate
 from sa3_mlx.studio.jobs import StorageError, Studio
 from sa3_mlx.studio.settings import Limits
 from tests.studio_server import StudioProcess
-from tests.test_cli import one_error_line
+from tests.test_cli import one_error_line, run_in_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,15 +123,12 @@ def test_outputs_honour_the_umask(tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_cli_stops_cleanly_on_sigterm_and_sighup(bundle, tmp_path, signum):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sa3_mlx", "--prompt", "long", "--dit", "sm-music", "--seconds", "60",
-         "--steps", "1000", "--seed", "1", "--weights-dir", str(bundle)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    time.sleep(4)  # loading done, sampling under way
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signum, err
-    assert err.decode().strip().splitlines()[-1] == f"interrupted ({signal.Signals(signum).name})"
+    """Sent while sampling (seen on the terminal, so the handlers are in place): one line, 128 + N, nothing left."""
+    code, text = run_in_terminal(["--prompt", "long", "--dit", "sm-music", "--seconds", "60", "--steps", "1000",
+                                  "--seed", "1", "--weights-dir", bundle], tmp_path, interrupt_when="/1000 steps",
+                                 signum=signum)
+    assert code == 128 + signum, text
+    assert text.strip().splitlines()[-1].strip() == f"interrupted ({signal.Signals(signum).name})"
     output = tmp_path / "output"
     assert not output.exists() or not any(output.rglob("*"))
 

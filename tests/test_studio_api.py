@@ -127,6 +127,7 @@ def test_a_weighted_prompt_as_mp3_is_served_with_its_id3_settings(server):
 
 def test_polling_shows_the_queue_then_the_result(server):
     first = server.submit(prompt="rain", **SLOW)
+    server.wait_for(first["id"], lambda job: job["status"] == "running")  # out of the queue: the second is first in it
     second = server.submit(prompt="thunder", seed=3, **FAST)
     status, polled = server.json("GET", f"/api/jobs/{second['id']}")
     assert status == 200 and polled["status"] == "queued" and polled["queue_position"] == 0
