@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sa3",
         description="Stable Audio 3 in MLX: text-to-audio, audio-to-audio, inpainting and continuation. "
         "Other commands: sa3 download, sa3 doctor, sa3 info FILE, sa3 convert REPO_OR_PATH OUT_DIR, "
-        "sa3 encode-audio IN --out LATENTS.npy, sa3 decode-latents LATENTS.npy --out OUT.wav, sa3 studio, sa3 bench.",
+        "sa3 encode-audio IN --out LATENTS.npy, sa3 decode-latents LATENTS.npy --out OUT.wav, sa3 encode FOLDER, sa3 train FOLDER (LoRA training), sa3 studio, sa3 bench.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
