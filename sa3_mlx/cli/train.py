@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..arguments import Parser, UsageError, finite_float, positive_int
+from ..arguments import Parser, UsageError, finite_float, positive_int, whole_number
 
 ENCODE_EXAMPLE = """example:
   sa3 encode my_songs/ --model stabilityai/stable-audio-3-small-music-base
@@ -44,14 +44,7 @@ def _positive(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
-    return value
+_count = whole_number(0)
 
 
 def _probs(text: str) -> list[float]:

@@ -13,21 +13,14 @@ import time
 import webbrowser
 from pathlib import Path
 
-from ..arguments import Parser, UsageError, finite_float, positive_int
+from ..arguments import Parser, UsageError, finite_float, positive_int, whole_number
 from .app import is_loopback
 from .settings import Limits
 
 MAX_PREVIEW_EVERY = 1000  # the most steps a run has
 
 
-def preview_steps(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value <= MAX_PREVIEW_EVERY:
-        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_PREVIEW_EVERY}] (got {value})")
-    return value
+preview_steps = whole_number(0, MAX_PREVIEW_EVERY)
 
 API_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~-]{8,}")  # it travels in headers, URLs and a cookie as is
 DEFAULT_PORT = 7860  # the usual local audio/ML demo port (Gradio's)
