@@ -2,7 +2,8 @@
 # Set up sa3-mlx in ./.venv with the MLX build that fits this machine.
 #   ./install.sh          asks before installing
 #   ./install.sh -y       no questions (what ./sa3 and scripts/test.sh use)
-#   ./install.sh --test   also install the test dependencies
+#   ./install.sh --test   also install the test dependencies (Ray included)
+#   ./install.sh --ray    also install Ray, for `sa3 batch --ray` (the sa3-mlx[ray] extra)
 # Uses the system Python (>= 3.10); never downloads a Python or a binary installer.
 set -euo pipefail
 
@@ -10,13 +11,15 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$here/.venv"
 assume_yes=0
 with_test=0
+with_ray=0
 quiet=0
 for arg in "$@"; do
   case "$arg" in
     -y|--yes) assume_yes=1 ;;
     --test) with_test=1 ;;
+    --ray) with_ray=1 ;;
     -q|--quiet) quiet=1 ;;
-    -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option '$arg' (see ./install.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -84,7 +87,8 @@ fi
 pip_quiet=(); [ "$quiet" = 1 ] && pip_quiet=(--quiet)
 # Quiet mode also hides the build backend's Python warnings (pip -q does not reach them).
 [ "$quiet" = 1 ] && export PYTHONWARNINGS=ignore
-extras=""; [ "$with_test" = 1 ] && extras="[test]"
+wanted=(); [ "$with_test" = 1 ] && wanted+=(test); [ "$with_ray" = 1 ] && wanted+=(ray)
+extras=""; [ "${#wanted[@]}" -gt 0 ] && extras="[$(IFS=,; echo "${wanted[*]}")]"
 say "installing sa3-mlx with $mlx_spec"
 "$venv/bin/python" -m pip install "${pip_quiet[@]}" --disable-pip-version-check "$mlx_spec" -e "$here$extras"
 
@@ -121,10 +125,10 @@ if [ "$os" = Linux ]; then
 fi
 
 # Remember what was installed so ./sa3 and scripts/test.sh know when to run this again.
-stamp="$("$python" - "$here" "$mlx_spec" "$with_test" <<'PY'
+stamp="$("$python" - "$here" "$mlx_spec" "$with_test" "$with_ray" <<'PY'
 import hashlib, sys, pathlib
 root = pathlib.Path(sys.argv[1])
-print(hashlib.sha256((root / "pyproject.toml").read_bytes() + sys.argv[2].encode()).hexdigest()[:16], sys.argv[3])
+print(hashlib.sha256((root / "pyproject.toml").read_bytes() + sys.argv[2].encode()).hexdigest()[:16], *sys.argv[3:])
 PY
 )"
 echo "$stamp" > "$venv/.sa3-install-stamp"

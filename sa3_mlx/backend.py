@@ -162,3 +162,10 @@ def blas_status() -> tuple[str | None, str]:
     """``(path of the BLAS in use or None, why)`` for `sa3 doctor` and the bench header."""
     return _loaded, _reason
 
+
+
+def device_name() -> str:
+    """What MLX computes on here, in a word: ``gpu`` or ``cpu`` (reports and worker lists)."""
+    import mlx.core as mx
+
+    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"

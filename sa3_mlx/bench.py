@@ -237,7 +237,7 @@ def train_main(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from .arguments import Parser
+    from .arguments import Parser, positive_int
 
     p = Parser(prog="sa3 bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sm-music,sm-sfx,medium", help="comma-separated (default all three)")
@@ -265,8 +265,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--adapters", default="dora-rows,lora", help="--train: comma-separated adapter types")
     p.add_argument("--rank", type=int, default=16, help="--train: adapter rank (16)")
     p.add_argument("--checkpointing", action="store_true", help="--train: gradient checkpointing of the blocks")
+    p.add_argument("--batch", type=positive_int, metavar="CLIPS",
+                   help="time `sa3 batch` instead: CLIPS clips of the first --models/--seconds (random full-size weights "
+                        "in --bundle-dir) in this process and with --batch-workers Ray workers, against a loop of "
+                        "`sa3` processes; clips per minute end to end and steady")
+    p.add_argument("--batch-workers", default="1,2", help="--batch: comma-separated Ray worker counts (1,2)")
+    p.add_argument("--no-cli-loop", action="store_true", help="--batch: leave out the loop of `sa3` processes")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print its JSON
     args = p.parse_args(argv)
+    if args.batch:
+        from .batch.bench import main as batch_main
+
+        return batch_main(args, hardware())
     if args.cold:
         return cold_main(args)
     if args.train:

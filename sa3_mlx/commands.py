@@ -1,7 +1,8 @@
 """The ``sa3`` entry point (also ``python -m sa3_mlx``): routes ``sa3 [generate] ...`` and the tools
 (``download``, ``doctor``, ``info``, ``convert``, ``encode-audio``, ``decode-latents``, ``encode``, ``train``) to
 the CLI front end (:mod:`sa3_mlx.cli`), ``sa3 bench``
-to :mod:`sa3_mlx.bench` and ``sa3 studio`` to the studio front end (:mod:`sa3_mlx.studio`), so that
+to :mod:`sa3_mlx.bench`, ``sa3 studio`` to the studio front end (:mod:`sa3_mlx.studio`) and ``sa3 batch`` to
+the batch front end (:mod:`sa3_mlx.batch.command`), so that
 the front ends never import each other. It also owns what every command shares: one ``error:`` line
 and exit code 2 for a failure, 130 for Ctrl-C, 128 + N for SIGTERM and SIGHUP, treated alike.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = ("generate", "download", "doctor", "info", "bench", "studio", "convert", "encode-audio", "decode-latents",
-            "encode", "train")
+            "encode", "train", "batch")
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -31,6 +32,10 @@ def _dispatch(argv: list[str]) -> int:
         from .cli import train
 
         return getattr(train, command)(argv)
+    if command == "batch":
+        from .batch.command import main as batch
+
+        return batch(argv)
     if command == "studio":
         from .studio.server import run as studio
 

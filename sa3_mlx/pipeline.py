@@ -511,11 +511,10 @@ class Pipeline:
         ``seed``, ``cfg``, ``inpaint``, ``num_outputs``, ... : the names of
         :data:`sa3_mlx.settings.FIELDS`). ``init_audio``: ``[2, samples]`` at 44.1 kHz or a file.
         """
+        if settings is None and init_audio is not None:  # the settings record where the audio came from
+            values.setdefault("init_audio", str(init_audio) if isinstance(init_audio, (str, Path)) else "<array>")
         if isinstance(init_audio, (str, Path)):
-            values.setdefault("init_audio", str(init_audio))
             init_audio = read_audio(init_audio)
-        elif init_audio is not None:
-            values.setdefault("init_audio", "<array>")
         if settings is None:
             settings = self.settings("" if prompt is None else prompt, **values)
         elif prompt is not None or values:

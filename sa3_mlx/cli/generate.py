@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .. import __version__, hub, output
 from ..audio import read_audio
-from ..settings import FIELDS, SettingsError, cli_name, draw_seed, fields_for, from_text, parse_lora_spec, validate
+from ..settings import FIELDS, SettingsError, cli_name, draw_seed, parse_lora_spec, validate
 from .display import Display
-from ..arguments import Parser, UsageError
+from ..arguments import Parser, UsageError, add_setting_options, setting_values
 from .picker import pick
 
 EXAMPLES = """\
@@ -44,33 +44,18 @@ examples:
 GROUPS = ("what to generate", "model", "sampling", "audio input", "output")
 
 
-def _metavar(f) -> str | None:
-    if f.metavar:
-        return f.metavar
-    if f.kind == "choice":
-        return "{" + ",".join(f.choices) + "}"
-    return None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="sa3",
         description="Stable Audio 3 in MLX: text-to-audio, audio-to-audio, inpainting and continuation. "
         "Other commands: sa3 download, sa3 doctor, sa3 info FILE, sa3 convert REPO_OR_PATH OUT_DIR, "
-        "sa3 encode-audio IN --out LATENTS.npy, sa3 decode-latents LATENTS.npy --out OUT.wav, sa3 encode FOLDER, sa3 train FOLDER (LoRA training), sa3 studio, sa3 bench.",
+        "sa3 encode-audio IN --out LATENTS.npy, sa3 decode-latents LATENTS.npy --out OUT.wav, sa3 encode FOLDER, sa3 train FOLDER (LoRA training), sa3 batch FILE (many clips, resumable; Ray clusters), sa3 studio, sa3 bench.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"sa3-mlx {__version__}")
     groups = {name: p.add_argument_group(name) for name in GROUPS}
-    for f in fields_for("cli"):
-        g = groups[f.group]
-        if f.kind == "bool":
-            g.add_argument(f.cli_flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f.help)
-        elif f.kind in ("ranges", "loras"):
-            g.add_argument(f.cli_flag, dest=f.name, action="append", metavar=_metavar(f), help=f.help)
-        else:
-            g.add_argument(f.cli_flag, dest=f.name, metavar=_metavar(f), help=f.help)
+    add_setting_options(groups.__getitem__)
     groups["what to generate"].add_argument(
         "--prompts-file", type=Path, metavar="FILE",
         help="generate a list in one process, models loaded once: one prompt a line, or JSONL with any settings "
@@ -91,11 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_settings(args: argparse.Namespace, prompt_placeholder: str | None = None):
     """The checked settings of parsed arguments; a bad value is a :class:`UsageError` naming its flag."""
     try:
-        values = {}
-        for f in fields_for("cli"):
-            raw = getattr(args, f.name)
-            if raw is not None:
-                values[f.name] = from_text(f, raw)
+        values = setting_values(args)
         if values.get("prompt") is None and prompt_placeholder is not None:
             values["prompt"] = prompt_placeholder
         return validate(values)
@@ -211,8 +192,7 @@ def run_prompts_file(args) -> int:
         raise UsageError("--play plays one result; it does not go with --prompts-file")
     check_paths(args)
     try:
-        defaults = {f.name: from_text(f, getattr(args, f.name)) for f in fields_for("cli")
-                    if getattr(args, f.name) is not None}
+        defaults = setting_values(args)
         validate({**defaults, "prompt": ""})
     except SettingsError as e:
         raise UsageError(e.message(cli_name)) from None

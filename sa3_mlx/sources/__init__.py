@@ -100,3 +100,32 @@ def open_source(model: str | Path, weights_dir: str | Path | None = None, progre
     from .release import ReleaseSource
 
     return ReleaseSource(upstream.parse(root), name=str(model))
+
+
+def missing_files(model: str | Path, codec: str | None = None, weights_dir: str | Path | None = None,
+                  encoder: bool = False) -> list[str]:
+    """What a run of ``model`` would have to download here: the official files not in ``weights_dir`` (or the
+    Hugging Face cache), or a release that is neither a local folder nor in the cache. Never touches the
+    network; empty when everything is local."""
+    from .. import hub, upstream
+
+    if str(model) in hub.MODELS:
+        missing = []
+        for name in hub.files_for(str(model), codec, encoder):
+            if weights_dir is not None:
+                try:
+                    hub.local_file(weights_dir, name)
+                except hub.WeightsUnavailable:
+                    missing.append(f"{name} (not in {weights_dir})")
+            elif hub.cached_file(name) is None:
+                missing.append(f"{hub.REPO_FOLDER}/{name} (not in the Hugging Face cache)")
+        return missing
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return [] if upstream.is_upstream_source(path) else [f"{path}/{upstream.CONFIG_FILE}"]
+    if not upstream.is_upstream_source(model):
+        return [f"{model} (no such folder, and not a Hugging Face repo id)"]
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(str(model), upstream.CONFIG_FILE)
+    return [] if isinstance(found, str) else [f"{model} (not in the Hugging Face cache)"]
