@@ -321,6 +321,7 @@ def test_sa3_batch_makes_what_sa3_makes_and_resumes(sa3, bundle, work, init_wav)
     (["bad.jsonl", "--workers", "2"], "--workers and --cpus-per-worker need --ray"),
     (["bad.jsonl", "--batch-size", "17"], "argument --batch-size: must be in [1, 16] (got 17)"),
     (["bad.jsonl", "--out-dir", "bad.jsonl"], "--out-dir bad.jsonl: not a folder"),
+    (["bad.jsonl", "--out-dir", "s3://bucket/renders"], "object storage URLs are not written to directly"),
 ])
 def test_sa3_batch_errors_are_one_line(sa3, work, args, words):
     write(work / "bad.jsonl", [{"prompt": "ok"}, {"prompt": "no", "cfg": 99}])

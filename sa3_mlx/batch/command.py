@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", type=Path, metavar="FILE", help="the items: .txt, .jsonl or .csv")
     run = p.add_argument_group("the run")
-    run.add_argument("--out-dir", type=Path, default=None,
+    run.add_argument("--out-dir", default=None,  # text: Path would fold an s3:// URL into a path
                      help=f"folder of the outputs and manifest.jsonl (default {output.DEFAULT_FOLDER}/)")
     run.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
                      help="run on Ray workers: auto (the cluster this machine is part of), local (a cluster of this "
@@ -257,7 +258,10 @@ def main(argv: list[str]) -> int:
         validate({**defaults, "prompt": ""})
     except SettingsError as e:
         raise UsageError(e.message(cli_name)) from None
-    folder = (output.DEFAULT_FOLDER if args.out_dir is None else args.out_dir).expanduser()
+    if args.out_dir is not None and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir}: object storage URLs are not written to directly; mount the "
+                         "bucket (s3fs, gcsfuse) or use a shared filesystem, at the same path on every node")
+    folder = (output.DEFAULT_FOLDER if args.out_dir is None else Path(args.out_dir)).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out-dir {folder}: not a folder")
     folder = folder.resolve()  # the manifest's paths hold from any directory, and on every node

@@ -291,10 +291,11 @@ class LocalExecutor:
 
     def start(self) -> list[WorkerInfo]:
         import os
+        import socket
 
         from ..backend import device_name
 
-        return [WorkerInfo(self.name, "local", os.getpid(), device_name())]
+        return [WorkerInfo(self.name, socket.gethostname(), os.getpid(), device_name())]
 
     def check(self, items, folder) -> dict[str, list[str]]:
         return {"this machine": problems(items, folder, self.weights_dir)}
