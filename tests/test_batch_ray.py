@@ -251,3 +251,16 @@ def test_a_second_node_without_the_models_is_named_then_used(cluster, bundle, tm
         assert sum(e["event"] == "done" for e in events) == 6
     finally:
         _stop_node(node)
+
+
+@pytest.mark.parametrize("address, words", [
+    ("127.0.0.1:{port}", "no Ray cluster answers at 127.0.0.1:{port} (Connection refused)"),
+    ("nonsense", "give auto, local or HOST:PORT of the cluster's head"),
+])
+def test_an_unreachable_cluster_is_one_line_at_once(sa3, work, address, words):
+    port = _free_port()
+    (work / "p.txt").write_text("rain\n")
+    started = time.monotonic()
+    code, out, err = sa3("batch", "p.txt", "--ray", address.format(port=port))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words.format(port=port) in err, err
+    assert time.monotonic() - started < 10  # not Ray's minutes of retries

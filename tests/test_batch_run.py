@@ -356,3 +356,17 @@ def test_without_ray_installed_the_flag_says_how(sa3, work, monkeypatch):
     write(work / "p.txt", ["rain"])
     code, out, err = sa3("batch", "p.txt", "--ray", "local")
     assert code == 2 and "Ray is not installed here: pip install 'sa3-mlx[ray]'" in err and len(err.splitlines()) == 1
+
+
+def test_relative_paths_are_the_files_and_hold_on_every_worker(tmp_path, monkeypatch):
+    sub = tmp_path / "jobs"
+    sub.mkdir()
+    write(sub / "p.jsonl", [{"prompt": "x", "init_audio": "in.wav", "loras": ["style.safetensors:0.5@0.2-1",
+                                                                            "/abs/b.safetensors"]}])
+    (sub / "p.csv").write_text("prompt,loras\ny,style.safetensors:0.8;../other.safetensors\n")
+    monkeypatch.chdir(tmp_path)
+    item = load_items(Path("jobs/p.jsonl"))[0]
+    assert item.settings.init_audio == str(sub / "in.wav")
+    assert item.settings.loras == (f"{sub}/style.safetensors:0.5@0.2-1", "/abs/b.safetensors")
+    assert load_items(Path("jobs/p.csv"))[0].settings.loras == (f"{sub}/style.safetensors:0.8",
+                                                               f"{sub}/../other.safetensors")

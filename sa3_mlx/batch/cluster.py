@@ -122,6 +122,8 @@ class RayExecutor:
         ray = self.ray
         options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                        configure_logging=True)
+        if self.address != "local":
+            self._probe()
         try:
             if self.address == "local":
                 cores = self.local_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -134,6 +136,29 @@ class RayExecutor:
                                "`ray start --head`, or use --ray local") from None
         except (RuntimeError, ValueError) as e:
             raise BatchStopped(f"--ray {self.address}: {' '.join(str(e).split())}") from None
+
+    def _probe(self) -> None:
+        """Fail at once, in one line, when the cluster's address does not answer (Ray itself retries for
+        minutes, logging each try)."""
+        address = self.address
+        if address.startswith("ray://"):
+            return  # a Ray client server: Ray's own error is quick
+        if address == "auto":
+            try:
+                from ray._private.services import canonicalize_bootstrap_address
+
+                address = canonicalize_bootstrap_address("auto") or ""
+            except Exception:  # no cluster known here (or another Ray): ray.init says so
+                return
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit():
+            raise BatchStopped(f"--ray {self.address}: give auto, local or HOST:PORT of the cluster's head")
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                pass
+        except OSError as e:
+            raise BatchStopped(f"--ray {self.address}: no Ray cluster answers at {address} ({e.strerror or e}); "
+                               "start one with `ray start --head`, or use --ray local") from None
 
     def nodes(self) -> list[dict]:
         return [n for n in self.ray.nodes() if n.get("Alive")]

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import output
 from ..arguments import Parser, UsageError, add_setting_options, positive_int, setting_values, whole_number
 from ..settings import SettingsError, cli_name, validate
-from .items import MAX_ROWS, BatchError, bad_lines_message, parse_vary, read_items
+from .items import MAX_ROWS, BatchError, absolute_lora, bad_lines_message, parse_vary, read_items
 from .manifest import FolderBusy
 from .schedule import (
     BatchStopped,
@@ -258,6 +258,11 @@ def main(argv: list[str]) -> int:
         validate({**defaults, "prompt": ""})
     except SettingsError as e:
         raise UsageError(e.message(cli_name)) from None
+    cwd = Path.cwd()  # the flags' paths are this directory's; workers run elsewhere
+    if defaults.get("loras"):
+        defaults["loras"] = tuple(absolute_lora(spec, cwd) for spec in defaults["loras"])
+    if defaults.get("init_audio"):
+        defaults["init_audio"] = str(cwd / Path(defaults["init_audio"]).expanduser())
     if args.out_dir is not None and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", args.out_dir):
         raise UsageError(f"--out-dir {args.out_dir}: object storage URLs are not written to directly; mount the "
                          "bucket (s3fs, gcsfuse) or use a shared filesystem, at the same path on every node")

@@ -36,6 +36,7 @@ from ..settings import (
     batch_shape,
     from_json,
     from_text,
+    parse_lora_spec,
     to_metadata,
     validate,
 )
@@ -69,8 +70,16 @@ def _typed(name: str, value, base_dir: Path):
     if f.kind == "loras":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise SettingsError(name, "{" + name + '} must be a list of "FILE[:STRENGTH]" strings')
-        return tuple(value)
+        return tuple(absolute_lora(spec, base_dir) for spec in value)
     return from_json(f, value)
+
+
+def absolute_lora(spec: str, base_dir: Path) -> str:
+    """A LoRA spec ``FILE[:STRENGTH][@LO-HI]`` with a relative ``FILE`` made ``base_dir``'s."""
+    path, _ = parse_lora_spec(spec)
+    if not path or Path(path).expanduser().is_absolute():
+        return spec
+    return str(base_dir / path) + spec[len(path):]
 
 
 def item_id(settings: GenerationSettings) -> str:
@@ -132,7 +141,10 @@ def _typed_text(name: str, text: str, base_dir: Path):
         return word in ("true", "yes", "1")
     if f.kind == "choice":
         return text.strip()
-    if f.kind in ("ranges", "loras"):
+    if f.kind == "loras":
+        return tuple(absolute_lora(spec, base_dir) for spec in
+                     from_text(f, [part.strip() for part in text.split(";") if part.strip()]))
+    if f.kind == "ranges":
         return from_text(f, [part.strip() for part in text.split(";") if part.strip()])
     return from_text(f, text.strip())
 
@@ -280,6 +292,7 @@ def read_items(path: str | Path, defaults: Mapping[str, Any] | None = None, vari
     except OSError as e:
         raise BatchError(f"{prefix}: cannot be read ({e.strerror or e})") from None
     spelled_as_text = path.suffix.lower() == ".csv"
+    base_dir = path.resolve().parent  # relative paths in the file are the file's (and hold on every worker)
     try:
         lines = parse_csv(text) if spelled_as_text else parse_lines(text, jsonl=path.suffix.lower() == ".jsonl" or None)
     except BatchError as e:
@@ -300,8 +313,8 @@ def read_items(path: str | Path, defaults: Mapping[str, Any] | None = None, vari
             if unknown:
                 raise BatchError(f"unknown setting {unknown[0]!r} (known: id, {', '.join(FIELD)})")
             typed = _typed_text if spelled_as_text else _typed
-            values = {name: typed(name, value, path.parent) for name, value in data.items() if value is not None}
-            variants = _variants({**base, **values}, varies, path.parent)
+            values = {name: typed(name, value, base_dir) for name, value in data.items() if value is not None}
+            variants = _variants({**base, **values}, varies, base_dir)
             total += len(variants)
             if total > MAX_ITEMS:
                 raise BatchError(f"{prefix}: with their --vary variants, more than {MAX_ITEMS} items; at most "
