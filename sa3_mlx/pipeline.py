@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # The stages of a run, in order (a stage that has nothing to do is skipped).
 LOAD_TEXT, TEXT_ENCODING, LOAD_DIT = "load text encoder", "text encoding", "load DiT"
+TEXT_CACHE_ENTRIES = 32
 LOAD_ENCODER, INIT_ENCODING = "load encoder", "init audio encoding"
 SAMPLING, LOAD_DECODER, DECODING = "sampling", "load decoder", "decoding"
 STAGES = (LOAD_TEXT, TEXT_ENCODING, LOAD_DIT, LOAD_ENCODER, INIT_ENCODING, SAMPLING, LOAD_DECODER, DECODING)
@@ -169,6 +171,10 @@ class Pipeline:
         self.kernels = kernels.for_device()  # chosen once: every model op of this pipeline runs through it
         self.compile_steps = compile_steps
         self._text: PromptEncoder | None = None
+        # Prompt embeddings of the last prompts (LRU): the same prompt again (a batch of seeds, the studio's
+        # next variation) needs neither the text encoder nor its load. ~1 MB a prompt; 0 turns it off.
+        self.text_cache_entries = TEXT_CACHE_ENTRIES
+        self._text_cache: OrderedDict[tuple, tuple] = OrderedDict()
         self._dit: DiT | None = None
         self._conditioner: Conditioner | None = None
         self._denoiser: Denoiser | None = None
@@ -411,7 +417,8 @@ class Pipeline:
 
         # The text encoder runs and (with free_models) is freed before the DiT loads: the two are
         # never resident together, which is what bounds a CLI run's peak memory.
-        yield from self._load_stage(LOAD_TEXT, "text")
+        if not self.text_cached(s.prompt, s.negative_prompt, guidance):
+            yield from self._load_stage(LOAD_TEXT, "text")
 
         def encode_text():
             embeds, mask, weights = self.encode_text(s.prompt, s.negative_prompt, guidance)
@@ -566,7 +573,8 @@ class Pipeline:
         guidance = guidance_of(first)
         self.stages = []
         mx.reset_peak_memory()
-        drain(self._load_stage(LOAD_TEXT, "text"))
+        if not all(self.text_cached(s.prompt, s.negative_prompt, guidance) for s in items):
+            drain(self._load_stage(LOAD_TEXT, "text"))
 
         def encode_text():
             encoded = [self.encode_text(s.prompt, s.negative_prompt, guidance) for s in items]
@@ -642,8 +650,25 @@ class Pipeline:
                     guidance: Guidance) -> tuple[mx.array, mx.array, mx.array | None]:
         """T5Gemma embeddings, mask and prompt-weighting weights (None: no weights) of the prompt (and
         the negative prompt when guidance uses it)."""
-        prompts = [prompt] + ([negative_prompt] if guidance.enabled and negative_prompt is not None else [])
-        return self.text.encode_weighted(prompts)
+        key = self._text_key(prompt, negative_prompt, guidance)
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key]
+        encoded = self.text.encode_weighted(list(key))
+        if self.text_cache_entries > 0:
+            mx.eval([a for a in encoded if a is not None])
+            self._text_cache[key] = encoded
+            while len(self._text_cache) > self.text_cache_entries:
+                self._text_cache.popitem(last=False)
+        return encoded
+
+    @staticmethod
+    def _text_key(prompt: str, negative_prompt: str | None, guidance: Guidance) -> tuple:
+        return (prompt,) + ((negative_prompt,) if guidance.enabled and negative_prompt is not None else ())
+
+    def text_cached(self, prompt: str, negative_prompt: str | None, guidance: Guidance) -> bool:
+        """Whether :meth:`encode_text` has these prompts' embeddings (no text encoder needed)."""
+        return self._text_key(prompt, negative_prompt, guidance) in self._text_cache
 
     def build_conditioning(self, embeds: mx.array, mask: mx.array, seconds: float, guidance: Guidance,
                            negative: bool, weights: mx.array | None = None

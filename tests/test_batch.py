@@ -165,3 +165,31 @@ def test_the_batch_package_imports_no_front_end():
         assert not [n for n in names if n.split(".")[-1] in ("cli", "studio") or ".cli" in n or ".studio" in n
                     or n.startswith(("cli", "studio"))], (path, names)
     assert validate({"prompt": "x"}).format is None
+
+
+def test_a_prompt_seen_before_needs_no_text_encoder(bundle):
+    """The prompt embeddings are kept (LRU): seeds of one prompt (a batch's --vary seed, the studio's next
+    variation) skip the text encoder and its load, even after free_models dropped it, with equal results."""
+    pipe = Pipeline("sm-music", weights_dir=bundle, progress=False)
+    first = pipe.generate("rain on a tin roof", seconds=1.5, steps=2, seed=3, cfg=3, negative_prompt="wind",
+                          free_models=True)
+    assert "load text encoder" in [s.name for s in first.stages] and pipe._text is None
+    again = pipe.generate("rain on a tin roof", seconds=1.5, steps=2, seed=3, cfg=3, negative_prompt="wind",
+                          free_models=True)
+    assert "load text encoder" not in [s.name for s in again.stages] and pipe._text is None
+    np.testing.assert_array_equal(again.audio, first.audio)
+    many = pipe.generate_many([validate({"prompt": "rain on a tin roof", "seconds": 1.5, "steps": 2, "seed": k,
+                                         "cfg": 3, "negative_prompt": "wind"}) for k in (3, 4)])
+    assert "load text encoder" not in [s.name for s in many[0].stages]
+    np.testing.assert_allclose(many[0].audio, first.audio, atol=1e-4)
+    # Another negative prompt is another key; the cache keeps at most text_cache_entries.
+    pipe.text_cache_entries = 2
+    for k in range(3):
+        pipe.generate(f"p{k}", seconds=1.5, steps=2, seed=1)
+    assert len(pipe._text_cache) == 2 and not pipe.text_cached("rain on a tin roof", "wind", guidance_on())
+
+
+def guidance_on():
+    from sa3_mlx.sampling import Guidance
+
+    return Guidance(scale=3.0)
