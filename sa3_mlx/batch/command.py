@@ -53,21 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", type=Path, metavar="FILE", help="the items: .txt, .jsonl or .csv")
     run = p.add_argument_group("the run")
-    run.add_argument("--out-dir", default=None,  # text: Path would fold an s3:// URL into a path
+    run.add_argument("--out-dir", default=None, metavar="DIR",  # text: Path would fold an s3:// URL into a path
                      help=f"folder of the outputs and manifest.jsonl (default {output.DEFAULT_FOLDER}/)")
     run.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
                      help="run on Ray workers: auto (the cluster this machine is part of), local (a cluster of this "
                           "machine, for this run), or a cluster address (HOST:PORT); needs sa3-mlx[ray]")
-    run.add_argument("--workers", type=positive_int, default=None,
-                     help="how many workers (with --ray local: the cluster's size, default 1 a GPU, else 1; "
-                          "otherwise at most this many of the cluster's)")
-    run.add_argument("--cpus-per-worker", type=positive_int, default=None,
+    run.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                     help="how many workers: with --ray local the local cluster's size (default one per GPU, "
+                          "else one); with a cluster at most this many (default one per GPU and per CPU node)")
+    run.add_argument("--cpus-per-worker", type=positive_int, default=None, metavar="N",
                      help="cores a worker takes on a node without GPUs (default: the whole node; GPU nodes get "
                           "one worker per GPU)")
-    run.add_argument("--retries", type=whole_number(0, 100), default=2,
+    run.add_argument("--retries", type=whole_number(0, 100), default=2, metavar="N",
                      help="tries again a failed item this many times, on another worker when there is one "
                           "(default 2); then it is recorded as failed and the run goes on")
-    run.add_argument("--batch-size", type=whole_number(1, MAX_ROWS), default=8,
+    run.add_argument("--batch-size", type=whole_number(1, MAX_ROWS), default=8, metavar="N",
                      help=f"outputs of one model and length sampled together (1-{MAX_ROWS}, default 8)")
     run.add_argument("--vary", action="append", default=[], metavar="NAME=VALUES",
                      help="every item once per value: NAME a setting (seed=1..50, cfg=1,3,5) or a {NAME} "
