@@ -370,3 +370,33 @@ def test_relative_paths_are_the_files_and_hold_on_every_worker(tmp_path, monkeyp
     assert item.settings.loras == (f"{sub}/style.safetensors:0.5@0.2-1", "/abs/b.safetensors")
     assert load_items(Path("jobs/p.csv"))[0].settings.loras == (f"{sub}/style.safetensors:0.8",
                                                                f"{sub}/../other.safetensors")
+
+
+def test_ctrl_c_in_a_local_run_finishes_the_running_item_and_resumes(bundle, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    write(tmp_path / "jobs.jsonl", [{"id": f"c{k:02d}", "prompt": f"drone {k}", "seed": k} for k in range(10)])
+    argv = [sys.executable, "-m", "sa3_mlx", "batch", "jobs.jsonl", "--out-dir", "r", "--weights-dir", str(bundle),
+            "--dit", "medium", "--seconds", "4", "--steps", "40", "--batch-size", "1", "--json"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "done":
+            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+            break
+    rest, err = proc.communicate(timeout=120)
+    seen += [json.loads(line) for line in rest.splitlines()]
+    assert proc.returncode == 130 and err.strip().endswith("interrupted"), err
+    first = [e["id"] for e in seen if e["event"] == "done"]
+    assert 1 <= len(first) <= 3 and seen[-1]["left"] == 10 - len(first)  # the running item finished, no more
+    assert sorted(Manifest(tmp_path / "r").load().entries) == sorted(first)
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 0 and events[0]["done_before"] == len(first)
+    assert sorted(first + [e["id"] for e in events if e["event"] == "done"]) == [f"c{k:02d}" for k in range(10)]
