@@ -172,7 +172,17 @@ class CPUKernels(Kernels):
         bias = getattr(proj, "bias", None) if "bias" in proj else None
         if bias is None or x.dtype != mx.float32:
             return self.glu(proj(x), activation)
-        return self.glu(x @ proj.weight.T, activation, bias)
+        return self.glu(x @ _dense(proj).T, activation, bias)
+
+    # ------------------------------------------------------------ quantized weights
+
+    def quantized_linear(self, x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
+        """Dequantize the layer's weight into a transient dense matrix and run a BLAS product: MLX's
+        CPU ``quantized_matmul`` is scalar code, ~70x slower than OpenBLAS (1.48 s against 19 ms for
+        400 x 1024 x 4096 at 4 bits on the dev box) while the dequantization costs 8-10 ms; only one
+        layer's dense weight exists at a time, so the memory saving stays."""
+        y = x @ _dense(layer).astype(x.dtype).T
+        return y + layer.bias if "bias" in layer else y
 
     # ------------------------------------------------------------ attention
 
@@ -217,6 +227,13 @@ class CPUKernels(Kernels):
         rope = rope_table(host.shape[1], rope_dims, rope_base) if rope_dims else None
         mask = None if value_mask is None else np.asarray(value_mask, dtype=np.float32).reshape(host.shape[0], -1)
         return self_attention_on_host(host, num_heads, differential, normalize, rope, scale, mask)
+
+
+def _dense(layer: nn.Module) -> mx.array:
+    """A linear layer's ``[out, in]`` weight, dequantized when it is quantized."""
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits)
+    return layer.weight
 
 
 # ---------------------------------------------------------------- weight layout

@@ -75,15 +75,19 @@ class ModuleSource:
         weights.update({COND_PREFIX + k: v for k, v in tree_flatten(conditioner.parameters())})
         return weights
 
-    def load_dit(self, dtype, weights: Mapping | None = None):
+    def load_dit(self, dtype, weights: Mapping | None = None, quantize=None):
         if weights is not None:
             from ..conditioning import load_conditioner
             from ..models.dit import load_dit
-            from ..weights import WeightDict
+            from ..weights import Overlay
 
-            dit, _, cond = load_dit(WeightDict(weights, self.name), dtype=dtype)
+            dit, _, cond = load_dit(Overlay(weights, {}, self.name), dtype=dtype, quantize=quantize)
             return dit, load_conditioner(cond, self.name)
         dit, conditioner = self._dit()
+        if quantize is not None:  # layer by layer, before the rest is evaluated: never the whole float DiT
+            from ..quantize import dit_targets, quantize_module
+
+            quantize_module(dit, quantize, dit_targets(dit, quantize), dtype)
         return _cast(dit, dtype), conditioner
 
     def load_codec(self, codec: str, role: str, dtype):
@@ -113,21 +117,32 @@ def random_source(model: str = "sm-music") -> ModuleSource:
     if model not in RELEASED_DIT:
         raise ValueError(f"no released architecture for {model!r} (choose from {', '.join(RELEASED_DIT)})")
 
+    # Each part from its own seed: every build of a part has the same values (the fidelity benchmark
+    # compares pipelines built apart).
     def text():
+        import mlx.core as mx
+
         from ..models.t5gemma import T5GemmaConfig, T5GemmaEncoder, Tokenizer
 
+        mx.random.seed(0)
         return T5GemmaEncoder(T5GemmaConfig(**RELEASED_T5GEMMA)), Tokenizer(bench_tokenizer(), pad_id=0)
 
     def dit():
+        import mlx.core as mx
+
         from ..conditioning import Conditioner, ConditionerConfig
         from ..models.dit import DiT, DiTConfig
 
+        mx.random.seed(1)
         config = DiTConfig(**RELEASED_DIT[model])
         return DiT(config), Conditioner(ConditionerConfig(cond_dim=config.cond_token_dim, seconds_features=256))
 
     def codec(name: str, role: str):
+        import mlx.core as mx
+
         from ..models.same import SAMEConfig, build_same
 
+        mx.random.seed(2 if role == "decoder" else 3)
         same = RELEASED_SAME[name]
         kernel = 3 if (same["family"], role) == ("s", "decoder") else 1  # the SAME-S decoder's output conv
         return build_same(SAMEConfig(role=role, latent_dim=256, io_channels=512, mapping_kernel=kernel, **same))
