@@ -437,6 +437,7 @@ class Pipeline:
     def _stage(self, name: str, work: Callable[[], object]) -> Iterator[Event]:
         """Run ``work`` as one stage: start and end events, wall time and peak memory; returns its value."""
         yield StageStarted(name)
+        mx.reset_peak_memory()  # each stage's own peak (what an earlier stage freed is not counted)
         t0 = time.perf_counter()
         value = work()
         mx.synchronize()
@@ -501,6 +502,7 @@ class Pipeline:
                 self.free("encoder")
 
         yield StageStarted(SAMPLING)
+        mx.reset_peak_memory()
         t0 = time.perf_counter()
         cross, global_cond, uncond = self.build_conditioning(embeds, mask, s.seconds, guidance,
                                                              s.negative_prompt is not None, weights)
@@ -643,6 +645,7 @@ class Pipeline:
         self._check_widths(text_width=encoded[0][0].shape[-1])
         n_lat = plan.latents
 
+        mx.reset_peak_memory()
         t0 = time.perf_counter()
         parts = [self.build_conditioning(embeds, mask, s.seconds, guidance, s.negative_prompt is not None, weights)
                  for (embeds, mask, weights), s in zip(encoded, items)]

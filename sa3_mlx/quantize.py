@@ -124,8 +124,8 @@ def quantize_module(module: nn.Module, q: Quantization, names: list[str], dtype:
     weights = {name: layers[name].weight for name in dtypes}
     swap(module, names, q)
     layers = dict(module.named_modules())
-    for name, w in weights.items():
-        packed, scales, biases = quantize_weight(w, q)
+    for name in list(weights):
+        packed, scales, biases = quantize_weight(weights.pop(name), q)  # the float weight dies here
         layer = layers[name]
         layer.weight, layer.scales, layer.biases = packed, scales.astype(dtypes[name]), biases.astype(dtypes[name])
         mx.eval(layer.weight, layer.scales, layer.biases)

@@ -233,7 +233,7 @@ def _expected(module: nn.Module, weights: Mapping) -> tuple[dict, dict]:
     from_float = {}
     for name, layer in _quantized_layers(module).items():
         prefix = f"{name}." if name else ""
-        if f"{prefix}scales" in weights:
+        if f"{prefix}scales" in weights or f"{prefix}biases" in weights:
             continue
         from_float[name] = layer
         del expected[f"{prefix}scales"], expected[f"{prefix}biases"]
@@ -270,20 +270,20 @@ def load_strict(
         problems.append(f"missing key '{k}' (expected shape {_fmt(expected[k])})")
     for k in unexpected[:5]:
         problems.append(f"unexpected key '{k}' (shape {_fmt(shape_of(weights, k))})")
+    hint = ""
     for k in provided:
         if k in expected:
             found = shape_of(weights, k)
             if tuple(found) != tuple(expected[k]):
-                hint = ""
-                if k.endswith((".scales", ".biases")) or k in ("scales", "biases"):
+                if not hint and (k.endswith((".scales", ".biases")) or k in ("scales", "biases")):
                     layer = _quantized_layers(module)[k.rsplit(".", 1)[0] if "." in k else ""]
-                    hint = (f" (one per {layer.group_size} inputs at {layer.bits} bits: the file was quantized "
-                            "with another group size than its record says)")
-                problems.append(f"key '{k}' has shape {_fmt(found)}, expected {_fmt(expected[k])}{hint}")
+                    hint = (f" (quantization scales and biases: one per {layer.group_size} inputs at {layer.bits} "
+                            "bits; the file was quantized with another group size than its record says)")
+                problems.append(f"key '{k}' has shape {_fmt(found)}, expected {_fmt(expected[k])}")
     if problems:
         more = len(missing) + len(unexpected) - min(len(missing), 5) - min(len(unexpected), 5)
         tail = f" (and {more} more)" if more > 0 else ""
-        raise WeightError(f"{file}: " + "; ".join(problems[:6]) + tail)
+        raise WeightError(f"{file}: " + "; ".join(problems[:6]) + tail + hint)
     loaded = _convert(module, weights, provided, file, dtype, keep_dtype, linear_layout, from_float)
     module.update(tree_unflatten(loaded))
     if linear_layout is not None:
