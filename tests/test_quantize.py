@@ -188,3 +188,23 @@ def test_bench_takes_bit_widths(sa3):
         bit_widths("3")
     code, _, err = sa3("bench", "--random-weights", "--quantize", "16,3")
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, 64), (8, 128), (4, 128)])
+def test_host_dequantization_equals_mlx(bits, group_size):
+    from sa3_mlx.kernels.cpu import dequantize_on_host
+
+    w = mx.random.normal((96, 256), key=mx.random.key(bits * group_size)) * 0.05
+    packed, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    expected = np.array(mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits))
+    got = dequantize_on_host(np.array(packed), np.array(scales), np.array(biases), group_size, bits)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_quantizing_a_module_in_memory_equals_quantizing_while_loading(dit_file, case):
+    from sa3_mlx.quantize import dit_targets, quantize_module
+
+    in_memory, _, _ = load_dit(dit_file)
+    quantize_module(in_memory, Q4, dit_targets(in_memory, Q4))  # what random full-size weights go through
+    loaded, _, _ = load_dit(dit_file, quantize=Q4)
+    np.testing.assert_array_equal(np.array(in_memory(*case)), np.array(loaded(*case)))
