@@ -527,6 +527,7 @@ class Pipeline:
             yield Step(i, s.steps)
             if preview_every > 0 and i % preview_every == 0 and i < s.steps and denoiser.denoised is not None:
                 yield self._preview(i, s.steps, denoiser.denoised[:1], s.seconds)
+        del states, denoiser  # they hold the DiT (its compiled steps, the conditioning): free("dit") must free it
         if keep is not None:
             latents = paste_back(latents, init_latents, keep)
         latents = latents.astype(mx.float32)

@@ -187,8 +187,9 @@ class CPUKernels(Kernels):
             host = [_host(t) for t in (layer.weight, layer.scales, layer.biases)]
         if host is None or any(h is None for h in host):  # half precision, or inside mx.compile tracing
             dense = _dense(layer).astype(x.dtype)
-        else:
-            dense = mx.array(dequantize_on_host(*host, layer.group_size, layer.bits))
+        else:  # into a reused scratch matrix (no fresh pages to fault in per layer), copied once into MLX
+            shape = (host[0].shape[0], host[0].shape[1] * 32 // layer.bits)
+            dense = mx.array(dequantize_on_host(*host, layer.group_size, layer.bits, out=_scratch(shape)))
         y = x @ dense.T
         return y + layer.bias if "bias" in layer else y
 
@@ -237,15 +238,29 @@ class CPUKernels(Kernels):
         return self_attention_on_host(host, num_heads, differential, normalize, rope, scale, mask)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, int]) -> np.ndarray:
+    """A float32 matrix of ``shape`` over one buffer kept per thread, grown to the largest layer seen
+    (the medium DiT's feed-forward input: 75 MB)."""
+    size = shape[0] * shape[1]
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.size < size:
+        buffer = _SCRATCH.buffer = np.empty(size, dtype=np.float32)
+    return buffer[:size].reshape(shape)
+
+
 def dequantize_on_host(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int,
-                       bits: int) -> np.ndarray:
+                       bits: int, out: np.ndarray | None = None) -> np.ndarray:
     """MLX's affine dequantization (``mx.dequantize``: ``scale * q + bias`` per group, 4-bit values
     packed low nibble first) of a ``[out, in * bits / 32]`` uint32 weight -> fp32 ``[out, in]``, in
     numpy over the cores; equal to ``mx.dequantize`` bit for bit (``tests/test_quantize.py``)."""
     out_dims = packed.shape[0]
     in_dims = packed.shape[1] * 32 // bits
     codes = packed.view(np.uint8)  # little-endian: the first values in the lowest bits
-    out = np.empty((out_dims, in_dims), dtype=np.float32)
+    if out is None:
+        out = np.empty((out_dims, in_dims), dtype=np.float32)
     groups = in_dims // group_size
 
     def run(part: slice) -> None:
