@@ -190,6 +190,10 @@ class CPUKernels(Kernels):
         else:  # into a reused scratch matrix (no fresh pages to fault in per layer), copied once into MLX
             shape = (host[0].shape[0], host[0].shape[1] * 32 // layer.bits)
             dense = mx.array(dequantize_on_host(*host, layer.group_size, layer.bits, out=_scratch(shape)))
+            y = x @ dense.T
+            y = y + layer.bias if "bias" in layer else y
+            mx.eval(y)  # now, so that this layer's dense weight is gone before the next one exists
+            return y
         y = x @ dense.T
         return y + layer.bias if "bias" in layer else y
 
