@@ -31,7 +31,7 @@ exact_fp32()
 
 def load(
     model: str = "sm-music", codec: str | None = None, weights_dir: str | Path | None = None, dit_dtype=None,
-    loras=(),
+    loras=(), bits: int | None = None, group_size: int | None = None,
 ):
     """A :class:`~sa3_mlx.pipeline.Pipeline` for ``model``.
 
@@ -40,14 +40,18 @@ def load(
     downloaded on first use), or an original release: a Hugging Face repo id such as
     "stabilityai/stable-audio-3-small-music" or a local folder with ``model_config.json``
     (or one written by ``sa3 convert``). ``loras``: ``"FILE[:STRENGTH]"`` adapters,
-    stacked in order (``pipe.set_lora_strength`` changes them later). Models load
-    lazily on the first generation and stay resident.
+    stacked in order (``pipe.set_lora_strength`` changes them later). ``bits`` (8 or 4):
+    quantize the DiT's transformer-block linear layers as they load (MLX affine quantization,
+    ``group_size`` 32, 64 or 128 weights per scale, default 64). Models load lazily on the
+    first generation and stay resident.
     """
     from .pipeline import Pipeline
+    from .quantize import spec
     from .runtime import configure_process
 
+    quantize = spec(bits, group_size)  # a ValueError before anything loads
     configure_process()
-    return Pipeline(model, codec, weights_dir=weights_dir, dit_dtype=dit_dtype, loras=loras)
+    return Pipeline(model, codec, weights_dir=weights_dir, dit_dtype=dit_dtype, loras=loras, quantize=quantize)
 
 
 def generate(pipeline, prompt: str, **settings):

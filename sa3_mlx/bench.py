@@ -23,17 +23,47 @@ DEFAULT_SECONDS = (5, 30, 120, 380)
 LONG_ONLY_FOR = "medium"  # the official matrix runs 380 s for the medium model only
 
 
-def random_pipeline(model: str, dit_dtype=None, codec_dtype=None):
+QUANTIZE_WORDS = ("16", "8", "4")  # --quantize: 16 = the stored half-precision weights, unquantized
+
+
+def random_pipeline(model: str, dit_dtype=None, codec_dtype=None, quantize=None):
     """A Pipeline of the released architecture with random weights, nothing read from disk."""
     from .pipeline import Pipeline
     from .sources.modules import random_source
 
-    return Pipeline(source=random_source(model), dit_dtype=dit_dtype, codec_dtype=codec_dtype, progress=False)
+    return Pipeline(source=random_source(model), dit_dtype=dit_dtype, codec_dtype=codec_dtype, progress=False,
+                    quantize=quantize)
+
+
+def bit_widths(text: str) -> list[int]:
+    """``--quantize 16,8,4`` -> [16, 8, 4]; anything else is a UsageError (one line)."""
+    from .arguments import UsageError
+
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in words if w not in QUANTIZE_WORDS]
+    if not words or bad:
+        raise UsageError(f"--quantize {text!r}: a comma-separated list of {', '.join(QUANTIZE_WORDS)} "
+                         "(16 = unquantized)")
+    return [int(w) for w in dict.fromkeys(words)]
+
+
+def _quantization(bits: int | None, group_size: int | None):
+    from .quantize import spec
+
+    return None if bits in (None, 16) else spec(bits, group_size)
 
 
 def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weights_dir: str | None,
-             dit_dtype: str | None, warmup: int, repeat: int = 1, codec_dtype: str | None = None) -> dict:
-    """One benchmark cell in this process; returns its measurements."""
+             dit_dtype: str | None, warmup: int, repeat: int = 1, codec_dtype: str | None = None,
+             bits: int | None = None, group_size: int | None = None) -> dict:
+    """One benchmark cell in this process; returns its measurements.
+
+    With ``bits`` (16, 8 or 4: the ``--quantize`` mode) the run is the CLI's: nothing is loaded before
+    it, each model is loaded when needed and freed after its last use (``free_models``), and the peak
+    memory of every stage, loading included, is reported with the bytes of each model's tensors."""
+    if bits is not None:
+        return _run_memory_cell(model, seconds, steps, random_weights, weights_dir, dit_dtype, codec_dtype, bits,
+                                group_size)
     import mlx.core as mx
 
     from .pipeline import DECODING, SAMPLING, TEXT_ENCODING, Pipeline, dtype_of
@@ -71,6 +101,94 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
         peak_rss_bytes=_peak_rss(),
         dit_dtype=pipe.dtype_name, codec_dtype=pipe.codec_dtype_name, latents=result.plan.latents, repeats=repeat,
     )
+
+
+def _run_memory_cell(model, seconds, steps, random_weights, weights_dir, dit_dtype, codec_dtype, bits,
+                     group_size) -> dict:
+    import mlx.core as mx
+
+    from .pipeline import SAMPLING, Pipeline, dtype_of
+    from .runtime import configure_process
+    from .sources.modules import BENCH_PROMPT
+
+    configure_process()
+    dtype, codec_dt, q = dtype_of(dit_dtype), dtype_of(codec_dtype), _quantization(bits, group_size)
+    if random_weights:
+        pipe = random_pipeline(model, dtype, codec_dt, q)
+    else:
+        pipe = Pipeline(model, weights_dir=weights_dir, dit_dtype=dtype, codec_dtype=codec_dt, progress=False,
+                        quantize=q)
+        pipe.fetch()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    result = pipe.generate(BENCH_PROMPT, seconds=seconds, steps=steps, seed=1, free_models=True)
+    wall = time.perf_counter() - t0
+    stages = {s.name: s for s in result.stages}
+    return dict(
+        model=model, seconds=seconds, steps=steps, bits=bits, quantization=None if q is None else str(q),
+        dit_dtype=pipe.dtype_name, codec_dtype=pipe.codec_dtype_name, wall_s=wall,
+        ms_per_step=1000 * stages[SAMPLING].seconds / steps, weight_bytes=dict(pipe.weight_bytes),
+        stage_peak_bytes={s.name: s.peak_bytes for s in result.stages},
+        stage_seconds={s.name: round(s.seconds, 3) for s in result.stages},
+        peak_bytes=max(s.peak_bytes for s in result.stages), peak_rss_bytes=_peak_rss(),
+        latents=result.plan.latents,
+    )
+
+
+def snr_db(reference, other) -> float:
+    """``10 log10(|ref|^2 / |other - ref|^2)``, in dB (inf when equal)."""
+    import numpy as np
+
+    ref, diff = np.asarray(reference, np.float64), np.asarray(other, np.float64) - np.asarray(reference, np.float64)
+    noise = float((diff * diff).sum())
+    return float("inf") if noise == 0 else 10 * float(np.log10(float((ref * ref).sum()) / noise))
+
+
+def run_fidelity(model: str, seconds: float, steps: int, random_weights: bool, weights_dir: str | None,
+                 dit_dtype: str | None, bits: list[int], group_size: int | None) -> list[dict]:
+    """SNR of the quantized DiT's output (one forward at t = 0.5 from fixed noise and the bench prompt's
+    conditioning) and of the whole pipeline's audio (same seed) against the unquantized DiT at the same
+    dtype, per bit width, on the same weights (random ones are built from fixed seeds)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from . import kernels
+    from .pipeline import Pipeline, dtype_of
+    from .runtime import configure_process
+    from .sampling import Guidance
+    from .sources.modules import BENCH_PROMPT
+
+    configure_process()
+
+    def pipeline(q):
+        if random_weights:
+            return random_pipeline(model, dtype_of(dit_dtype), quantize=q)
+        return Pipeline(model, weights_dir=weights_dir, dit_dtype=dtype_of(dit_dtype), progress=False, quantize=q)
+
+    def measure(q):
+        pipe = pipeline(q)
+        cross, global_cond, _ = pipe.conditioning(BENCH_PROMPT, None, seconds, Guidance(scale=1.0))
+        n_lat = pipe.plan(pipe.settings(BENCH_PROMPT, seconds=seconds)).latents
+        x = mx.random.normal((1, 256, n_lat), key=mx.random.key(7))
+        with kernels.use(pipe.kernels):
+            v = np.array(pipe.dit(x, mx.array([0.5]), cross, global_cond).astype(mx.float32))
+        pipe.free("text")
+        t0 = time.perf_counter()
+        audio = pipe.generate(BENCH_PROMPT, seconds=seconds, steps=steps, seed=1, free_models=True).audio
+        return v, audio, time.perf_counter() - t0, pipe
+
+    v_ref, audio_ref, _, ref = measure(None)
+    rows = [dict(model=model, seconds=seconds, steps=steps, bits=16, dit_dtype=ref.dtype_name,
+                 dit_snr_db=float("inf"), audio_snr_db=float("inf"))]
+    for b in bits:
+        if b == 16:
+            continue
+        q = _quantization(b, group_size)
+        v, audio, _, _ = measure(q)
+        rows.append(dict(model=model, seconds=seconds, steps=steps, bits=b, quantization=str(q),
+                         dit_dtype=ref.dtype_name, dit_snr_db=snr_db(v_ref, v), audio_snr_db=snr_db(audio_ref, audio)))
+    return rows
 
 
 def run_cold(model: str, seconds: float, steps: int, weights_dir: str, dit_dtype: str | None = None) -> dict:
@@ -236,6 +354,99 @@ def train_main(args) -> int:
     return 0
 
 
+def _cells(args) -> list[tuple[str, float]]:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    lengths = [float(s) for s in args.seconds.split(",") if s.strip()]
+    return [(m, s) for m in models for s in lengths if s < 300 or m == LONG_ONLY_FOR or len(lengths) == 1]
+
+
+def _header(args):
+    from rich.console import Console
+
+    console = Console(stderr=args.json, highlight=False, width=None if sys.stdout.isatty() else 160)
+    hw = hardware()
+    console.print(f"[dim]{' | '.join(f'{k} {v}' for k, v in hw.items())}[/dim]")
+    return console, hw
+
+
+def quantize_main(args) -> int:
+    """``sa3 bench --quantize 16,8,4``: one process per model x length x bit width."""
+    from rich.table import Table
+
+    from .pipeline import DECODING, LOAD_DECODER, LOAD_DIT, LOAD_TEXT, SAMPLING, TEXT_ENCODING
+
+    widths = bit_widths(args.quantize)
+    console, hw = _header(args)
+    results = []
+    for model, seconds in _cells(args):
+        for bits in widths:
+            spec = dict(model=model, seconds=seconds, steps=args.steps, random_weights=args.random_weights,
+                        weights_dir=args.weights_dir, dit_dtype=args.dit_dtype, warmup=0,
+                        codec_dtype=args.codec_dtype, bits=bits,
+                        group_size=None if args.group_size is None else int(args.group_size))
+            console.print(f"  {model} {seconds:g} s, {bits} bits ...", end="")
+            proc = subprocess.run([sys.executable, "-m", "sa3_mlx", "bench", "--cell", json.dumps(spec)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+                console.print(f" [red]{error}[/red]")
+                results.append(dict(model=model, seconds=seconds, bits=bits, error=error))
+                continue
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            console.print(f" {results[-1]['wall_s']:.2f} s")
+    if args.json:
+        print(json.dumps({"hardware": hw, "quantize": results}, indent=2))
+        return 0 if all("error" not in r for r in results) else 1
+
+    def gb(n: int) -> str:
+        return f"{n / 1e9:.2f}"
+
+    table = Table(box=None, padding=(0, 1), title="memory in GB (10^9 bytes); peaks are MLX's, loading included")
+    for column in ("model", "seconds", "DiT", "DiT weights", "all weights", "peak text", "peak DiT",
+                   "peak decode", "peak", "peak RSS", "ms/step", "wall"):
+        table.add_column(column, justify="left" if column in ("model", "DiT") else "right")
+    for r in results:
+        if "error" in r:
+            table.add_row(r["model"], f"{r['seconds']:g}", f"{r['bits']} bits", "[red]failed[/red]", *[""] * 8)
+            continue
+        st, w = r["stage_peak_bytes"], r["weight_bytes"]
+        peak = lambda *names: gb(max(st.get(n, 0) for n in names))  # noqa: E731
+        kind = r["dit_dtype"] if r["bits"] == 16 else f"q{r['bits']}"
+        table.add_row(r["model"], f"{r['seconds']:g}", kind, gb(w.get("dit", 0)), gb(sum(w.values())),
+                      peak(LOAD_TEXT, TEXT_ENCODING), peak(LOAD_DIT, SAMPLING), peak(LOAD_DECODER, DECODING),
+                      gb(r["peak_bytes"]), gb(r["peak_rss_bytes"]), f"{r['ms_per_step']:.0f}", f"{r['wall_s']:.1f} s")
+    console.print(table)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def fidelity_main(args) -> int:
+    """``sa3 bench --fidelity``: SNR per bit width against the unquantized DiT, in this process."""
+    from rich.table import Table
+
+    widths = bit_widths(args.quantize or "8,4")
+    console, hw = _header(args)
+    rows = []
+    for model, seconds in _cells(args):
+        console.print(f"  fidelity {model} {seconds:g} s ...")
+        rows += run_fidelity(model, seconds, args.steps, args.random_weights, args.weights_dir, args.dit_dtype,
+                             widths, None if args.group_size is None else int(args.group_size))
+    weights = "random full-size weights (not real ones: real weights have outliers)" if args.random_weights \
+        else "the real weights"
+    if args.json:
+        print(json.dumps({"hardware": hw, "weights": weights, "fidelity": rows}, indent=2))
+        return 0
+    table = Table(box=None, padding=(0, 1), title=f"SNR against the unquantized DiT, {weights}")
+    for column in ("model", "seconds", "DiT", "DiT output SNR", "audio SNR"):
+        table.add_column(column, justify="left" if column in ("model", "DiT") else "right")
+    for r in rows:
+        if r["bits"] == 16:
+            continue
+        table.add_row(r["model"], f"{r['seconds']:g}", f"q{r['bits']} vs {r['dit_dtype']}",
+                      f"{r['dit_snr_db']:.1f} dB", f"{r['audio_snr_db']:.1f} dB")
+    console.print(table)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     from .arguments import Parser, positive_int
 
@@ -271,6 +482,15 @@ def main(argv: list[str]) -> int:
                         "`sa3` processes; clips per minute end to end and steady")
     p.add_argument("--batch-workers", default="1,2", help="--batch: comma-separated Ray worker counts (1,2)")
     p.add_argument("--no-cli-loop", action="store_true", help="--batch: leave out the loop of `sa3` processes")
+    p.add_argument("--quantize", metavar="BITS,...",
+                   help="memory and speed per DiT bit width, e.g. 16,8,4 (16 = unquantized): the CLI's run "
+                        "(models loaded when needed, freed after use), with the bytes of each model's tensors, "
+                        "the peak memory of each stage and ms/step")
+    p.add_argument("--group-size", choices=("32", "64", "128"), help="--quantize/--fidelity: weights per scale "
+                   "(default 64)")
+    p.add_argument("--fidelity", action="store_true",
+                   help="SNR of the quantized DiT's output and of the pipeline's audio against the unquantized "
+                        "DiT, per bit width of --quantize (default 8,4)")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print its JSON
     args = p.parse_args(argv)
     if args.batch:
@@ -281,6 +501,10 @@ def main(argv: list[str]) -> int:
         return cold_main(args)
     if args.train:
         return train_main(args)
+    if args.fidelity:
+        return fidelity_main(args)
+    if args.quantize is not None:
+        return quantize_main(args)
 
     if args.cell:
         spec = json.loads(args.cell)

@@ -8,6 +8,11 @@ and through the same strict loaders:
 * ``dit_<name>_f16.npz``: fp16 DiT tensors with the ``cond.*`` conditioner tensors;
 * ``same_{s,l}_{encoder,decoder}_f32.npz``: fp32 codec halves (weight norm fused).
 
+With ``quantize`` (``sa3 convert --quantize 4``), the DiT file is ``dit_<name>_q4.npz`` (``_q8``; a group
+size other than 64 adds ``g32``/``g128``): the transformer blocks' linear layers quantized from the fp16
+values (:func:`sa3_mlx.quantize.quantized_arrays`, with its ``QUANTIZATION`` record), which loads
+quantized directly and equals loading the fp16 file with ``--quantize`` bit for bit.
+
 Besides those, ``sa3_model.json`` records what the official files cannot (the sampling
 objective and shift, the T5 length and padding, the seconds range, codec options) and
 ``tokenizer/`` keeps the release's tokenizer files, so ``--model OUT_DIR`` runs exactly
@@ -47,14 +52,35 @@ def _meta(config) -> np.ndarray:
     return np.frombuffer(json.dumps(fields).encode("utf-8"), dtype=np.uint8)
 
 
-def convert(source: str | Path, out_dir: str | Path, progress: bool = True) -> list[Path]:
-    """Convert ``source`` (repo id or folder) into ``out_dir``; returns the files written."""
+def quantized_dit_file(name: str, q) -> str:
+    suffix = "" if q.group_size == 64 else f"g{q.group_size}"
+    return f"dit_{name}_q{q.bits}{suffix}.npz"
+
+
+def _quantized_dit(weights: dict, q) -> dict[str, np.ndarray]:
+    """The fp16 DiT tensors (``cond.*`` included) with the quantization policy's layers quantized."""
+    from .models.dit import DiT, DiTConfig, sanitize
+    from .quantize import dit_targets, quantized_arrays
+    from .weights import WeightDict
+
+    weights = WeightDict(weights, "dit")
+    dit_part, _ = sanitize(weights)
+    targets = dit_targets(DiT(DiTConfig.from_weights(dit_part, "dit")), q)  # shapes only: nothing is evaluated
+    return quantized_arrays(weights, q, targets)
+
+
+def convert(source: str | Path, out_dir: str | Path, progress: bool = True, quantize=None) -> list[Path]:
+    """Convert ``source`` (repo id or folder) into ``out_dir``; returns the files written. ``quantize``
+    (a :class:`sa3_mlx.quantize.Quantization`): write the DiT quantized."""
     from .models.t5gemma import default_rope_inv_freq
 
     root = upstream.resolve(source, progress)
     if (root / MANIFEST).is_file():
         raise upstream.UpstreamError(f"{root} was written by sa3 convert already; it loads with --model as it is")
     model = upstream.parse(root)
+    if quantize is not None and not model.is_generator:
+        raise upstream.UpstreamError(f"{root} is a codec (model_type 'autoencoder'); only a generator's DiT is "
+                                     "quantized")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -83,8 +109,13 @@ def convert(source: str | Path, out_dir: str | Path, progress: bool = True) -> l
         written.append(path)
 
         name = dit_name(source)
-        path = out / f"dit_{name}_f16.npz"
-        save_npz(path, {k: np.asarray(v, dtype=np.float16) for k, v in model.dit_weights.items()})
+        dit = {k: np.asarray(v, dtype=np.float16) for k, v in model.dit_weights.items()}
+        if quantize is None:
+            path = out / f"dit_{name}_f16.npz"
+        else:
+            path = out / quantized_dit_file(name, quantize)
+            dit = _quantized_dit(dit, quantize)
+        save_npz(path, dit)
         written.append(path)
 
         tokenizer_dir = out / TOKENIZER_DIR
@@ -97,6 +128,7 @@ def convert(source: str | Path, out_dir: str | Path, progress: bool = True) -> l
             dit_file=path.name, text=asdict(model.text), sampling=asdict(model.sampling),
             seconds_range=list(model.seconds_range), dit_config=model.dit_config,
             training_seconds=model.training_seconds,
+            quantization=None if quantize is None else dict(bits=quantize.bits, group_size=quantize.group_size),
         )
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, indent=1))

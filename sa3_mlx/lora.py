@@ -42,7 +42,7 @@ import numpy as np
 
 from .models.dit import COND_PREFIX
 from .settings import lora_interval, lora_options, parse_lora_spec
-from .weights import WeightError
+from .weights import Overlay, WeightError
 
 ADAPTER_TYPES = ("lora", "dora-rows", "dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs")
 PARAMS = {
@@ -428,12 +428,14 @@ class LoraStack:
         else:
             self.strengths[index] = float(strength)
 
-    def apply(self, weights: Mapping) -> dict:
-        out = dict(weights)
+    def apply(self, weights: Mapping) -> Overlay:
+        """``weights`` with the merged tensors in place of the stored ones (``.changes``: those); the
+        others are read from ``weights`` only when used (a lazy file stays lazy)."""
+        changes = {}
         if self.files:
-            out.update(merge(weights, self.files, self.strengths, cond_strengths=self.cond_strengths,
-                             skips=self.skips))
-        return out
+            changes = merge(weights, self.files, self.strengths, cond_strengths=self.cond_strengths,
+                            skips=self.skips)
+        return Overlay(weights, changes)
 
     def describe(self) -> list[dict]:
         return [dict(file=str(f.path), type=f.adapter_type, rank=f.rank, alpha=f.alpha, strength=s,

@@ -29,6 +29,8 @@ from .models.dit import DiT
 from .plan import GenerationPlan, inpaint_keep_mask, make_plan
 from .sampling import Guidance, paste_back, seeded_step_noise
 from .settings import DTYPES as DTYPE_CHOICES
+from .quantize import Quantization, float_view
+from .quantize import spec as quantization_spec
 from .settings import MODEL_DEFAULT, GenerationSettings, batch_shape, check_sampler, draw_seed, validate, variation_seed
 from .sources import ModelSource, open_source
 
@@ -114,6 +116,13 @@ def _free() -> None:
     mx.clear_cache()
 
 
+def parameter_bytes(module) -> int:
+    """Bytes of a module's tensors (a quantized layer's packed weight, scales and biases included)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
 def on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
@@ -141,6 +150,8 @@ class Pipeline:
     half-precision matmul is slow there) and float16 on a GPU. ``loras``:
     ``"FILE[:STRENGTH]"`` (or ``(path, strength)``) adapters in the upstream format,
     stacked in order and merged into the DiT (:meth:`set_lora_strength` changes them).
+    ``quantize`` (:class:`~sa3_mlx.quantize.Quantization`): the DiT's transformer-block linear layers
+    quantized to 8 or 4 bits as they load (a source whose files are quantized loads as they are).
     """
 
     def __init__(
@@ -154,14 +165,21 @@ class Pipeline:
         loras: Sequence = (),
         source: ModelSource | None = None,
         compile_steps: bool | None = None,
+        quantize: Quantization | None = None,
     ):
         self.source = source if source is not None else open_source(model, weights_dir, progress)
+        stored = getattr(self.source, "quantization", None)  # files written quantized (sa3 convert --quantize)
+        if stored is not None and quantize is not None and quantize != stored:
+            raise ValueError(f"{self.source.name} is stored quantized {stored}; it loads only as it is "
+                             f"(leave out the quantization), not as {quantize}")
+        self.quantize = quantize or stored
         self.codec_name = codec_name or self.source.codec
         if self.codec_name not in self.source.codecs:
             raise ValueError(f"{self.source.name} carries its own codec ({self.source.codec}); "
                              "another one cannot be chosen")
         self.loras = LoraStack.from_specs(loras)
-        self._lora_base: Mapping | None = None  # the stored DiT tensors, kept while LoRAs are in use
+        self._lora_base: Mapping | None = None  # the stored DiT tensors (a lazy file view where the source has one)
+        self._merged_keys: set[str] = set()  # the DiT tensors the loaded DiT holds merged
         self.dit_dtype = dit_dtype or (mx.float16 if on_gpu() else mx.float32)
         # Codecs: fp32, except SAME-L on a GPU, which runs fp16 (69 dB PSNR against fp32 on the
         # reference case, 4.8x faster on an H100; the official runner also reports SAME-L fine
@@ -182,13 +200,15 @@ class Pipeline:
         self._decoder = None
         self._encoder = None
         self.stages: list[StageStats] = []
+        self.weight_bytes: dict[str, int] = {}  # bytes of each loaded part's tensors ("text", "dit", ...)
 
     @classmethod
     def from_settings(cls, settings: GenerationSettings, weights_dir=None, progress: bool = True) -> "Pipeline":
         """The pipeline the model settings of ``settings`` ask for (model or release, decoder, dtypes, LoRAs)."""
         return cls(settings.model_name, settings.decoder, weights_dir=weights_dir,
                    dit_dtype=dtype_of(settings.dit_dtype), codec_dtype=dtype_of(settings.codec_dtype),
-                   progress=progress, loras=settings.loras)
+                   progress=progress, loras=settings.loras,
+                   quantize=quantization_spec(settings.quantize, settings.quantize_group_size))
 
     # ---- what the pipeline is ------------------------------------------------------------------
     @property
@@ -213,7 +233,12 @@ class Pipeline:
 
     def base_key(self) -> tuple:
         """What identifies the models before any LoRA (:meth:`set_loras` changes the rest in place)."""
-        return (self.model_name, self.codec_name, self.dtype_name, self.codec_dtype_name)
+        return (self.model_name, self.codec_name, self.dtype_name, self.codec_dtype_name, self.quantize)
+
+    @property
+    def quantize_name(self) -> str | None:
+        """The DiT's quantization in the settings' words (``"4"``), None when not quantized."""
+        return None if self.quantize is None else str(self.quantize.bits)
 
     @property
     def lora_specs(self) -> list[str]:
@@ -230,19 +255,22 @@ class Pipeline:
             with kernels.use(self.kernels):
                 encoder, tokenizer = self.source.load_text(mx.float32)
             self._text = PromptEncoder(encoder, tokenizer, self.source.prompt_tokens)
+            self.weight_bytes["text"] = parameter_bytes(encoder)
         return self._text
 
     def _load_dit(self) -> None:
         weights = None
+        self._merged_keys = set()
         if self.loras.files:
-            # Merging needs the stored (unquantized) tensors; kept so strengths can change.
-            if self._lora_base is None:
-                self._lora_base = self.source.dit_weights()
-            weights = self.loras.apply(self._lora_base)
+            # Merging starts from the stored tensors (a lazy view of the file: only the tensors a LoRA
+            # changes are read); a quantized DiT quantizes the merged weights as it loads them.
+            weights = self.loras.apply(self._stored_dit())
+            self._merged_keys = set(weights.changes)
         with kernels.use(self.kernels):  # the loader lays the weights out for this backend as it reads them
-            dit, conditioner = self.source.load_dit(self.dit_dtype, weights)
+            dit, conditioner = self.source.load_dit(self.dit_dtype, weights, self.quantize)
         self.kernels.prepare(dit)  # modules built in memory (random weights) get the same layout here
         self._dit, self._conditioner = dit, conditioner
+        self.weight_bytes["dit"] = parameter_bytes(dit)
         self._denoiser = Denoiser(dit, self.compile_steps)
         self._check_widths()
 
@@ -273,8 +301,9 @@ class Pipeline:
         if active == frozenset(range(len(self.loras.files))):
             return self._denoiser
         if active not in self._gated:
-            weights = self.loras.subset(active).apply(self._lora_base)
-            dit, _ = self.source.load_dit(self.dit_dtype, weights)
+            weights = self.loras.subset(active).apply(self._stored_dit())
+            with kernels.use(self.kernels):
+                dit, _ = self.source.load_dit(self.dit_dtype, weights, self.quantize)
             self.kernels.prepare(dit)
             self._gated[active] = Denoiser(dit, self.compile_steps)
         return self._gated[active]
@@ -283,37 +312,68 @@ class Pipeline:
     def decoder(self):
         if self._decoder is None:
             self._decoder = self.source.load_codec(self.codec_name, "decoder", self.codec_dtype)
+            self.weight_bytes["decoder"] = parameter_bytes(self._decoder)
         return self._decoder
 
     @property
     def encoder(self):
         if self._encoder is None:
             self._encoder = self.source.load_codec(self.codec_name, "encoder", self.codec_dtype)
+            self.weight_bytes["encoder"] = parameter_bytes(self._encoder)
         return self._encoder
 
-    def set_lora_strength(self, strength: float, index: int | None = None) -> None:
-        """Strength of every LoRA (``index`` None) or of one; the DiT is re-merged on next use.
+    def _stored_dit(self) -> Mapping:
+        if self._lora_base is None:
+            self._lora_base = float_view(self.source.dit_weights())  # a quantized file: dequantized
+        return self._lora_base
 
-        The base weights stay in memory, so only the merge and the DiT build are redone.
-        """
+    def set_lora_strength(self, strength: float, index: int | None = None) -> None:
+        """Strength of every LoRA (``index`` None) or of one, merged into the loaded DiT in place
+        (:meth:`_remerge`: only the tensors the adapters change are read, merged and, for a quantized
+        DiT, quantized again)."""
         if not self.loras.files:
             raise ValueError("no LoRA is loaded")
         if index is not None and not 0 <= index < len(self.loras.files):
             raise ValueError(f"LoRA index {index} out of range (0..{len(self.loras.files) - 1})")
         self.loras.set_strength(strength, index)
-        self.free("dit")
+        self._remerge()
 
     def set_loras(self, specs: Sequence) -> None:
         """Other adapters, strengths, noise intervals or options, without reloading the base model: the
-        text encoder and codecs stay, the stored DiT weights stay in memory (read once), and only the
-        merge and the DiT build are redone, on next use. An empty list goes back to the plain DiT."""
+        text encoder and codecs stay, and the loaded DiT takes the new merge in place (:meth:`_remerge`).
+        An empty list goes back to the plain DiT."""
         loras = LoraStack.from_specs(specs)
         if loras.specs() == self.loras.specs():
             return
         self.loras = loras
-        if not loras.files:
+        self._remerge()
+
+    def _remerge(self) -> None:
+        """Bring the loaded DiT to the current LoRAs: the tensors the new merge changes, and those the
+        old one had changed (back to their stored values), are replaced in place, one at a time, through
+        the strict loader's conversions (quantized again when the DiT is quantized); nothing else is read.
+        Gated LoRAs, or a change of the conditioner's tensors, rebuild the DiT on next use instead."""
+        if self._dit is None or self._gated or self.loras.gated:
+            self.free("dit")
+            return
+        from .models.dit import COND_PREFIX
+        from .weights import update_strict
+
+        base = self._stored_dit()
+        merged = self.loras.apply(base).changes if self.loras.files else {}
+        keys = set(merged) | self._merged_keys
+        if any(k.startswith(COND_PREFIX) for k in keys):
+            self.free("dit")
+            return
+        changes = {k: merged[k] if k in merged else base[k] for k in sorted(keys)}
+        with kernels.use(self.kernels):
+            update_strict(self._dit, changes, getattr(base, "name", self.model_name), self.dit_dtype,
+                          self.kernels.linear_weight_layout(self.dit_dtype))
+        self._merged_keys = set(merged)
+        self._denoiser = Denoiser(self._dit, self.compile_steps)  # compiled steps hold the old tensors
+        if not self.loras.files:
             self._lora_base = None
-        self.free("dit")
+        _free()
 
     def free(self, *parts: str) -> None:
         """Drop loaded models ("text", "dit", "decoder", "encoder"; none given = all)."""
@@ -367,6 +427,8 @@ class Pipeline:
             seed=draw_seed() if settings.seed is None else settings.seed,
             model=None if release else self.source.name, release=release, decoder=None if release else self.codec_name,
             dit_dtype=self.dtype_name, codec_dtype=self.codec_dtype_name, loras=tuple(self.lora_specs),
+            quantize=self.quantize_name,
+            quantize_group_size=None if self.quantize is None else str(self.quantize.group_size),
         )
 
     def plan(self, settings: GenerationSettings, init_audio: np.ndarray | None = None) -> GenerationPlan:
@@ -381,6 +443,7 @@ class Pipeline:
     def _stage(self, name: str, work: Callable[[], object]) -> Iterator[Event]:
         """Run ``work`` as one stage: start and end events, wall time and peak memory; returns its value."""
         yield StageStarted(name)
+        mx.reset_peak_memory()  # each stage's own peak (what an earlier stage freed is not counted)
         t0 = time.perf_counter()
         value = work()
         mx.synchronize()
@@ -446,6 +509,7 @@ class Pipeline:
                 self.free("encoder")
 
         yield StageStarted(SAMPLING)
+        mx.reset_peak_memory()
         t0 = time.perf_counter()
         cross, global_cond, uncond = self.build_conditioning(embeds, mask, s.seconds, guidance,
                                                              s.negative_prompt is not None, weights)
@@ -470,6 +534,7 @@ class Pipeline:
             yield Step(i, s.steps)
             if preview_every > 0 and i % preview_every == 0 and i < s.steps and denoiser.denoised is not None:
                 yield self._preview(i, s.steps, denoiser.denoised[:1], s.seconds)
+        del states, denoiser  # they hold the DiT (its compiled steps, the conditioning): free("dit") must free it
         if keep is not None:
             latents = paste_back(latents, init_latents, keep)
         latents = latents.astype(mx.float32)
@@ -588,6 +653,7 @@ class Pipeline:
         self._check_widths(text_width=encoded[0][0].shape[-1])
         n_lat = plan.latents
 
+        mx.reset_peak_memory()
         t0 = time.perf_counter()
         parts = [self.build_conditioning(embeds, mask, s.seconds, guidance, s.negative_prompt is not None, weights)
                  for (embeds, mask, weights), s in zip(encoded, items)]

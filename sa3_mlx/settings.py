@@ -43,6 +43,8 @@ SAMPLERS = ("pingpong", "euler", "rk4", "dpmpp")  # keys of sampling.SAMPLERS (n
 # full re-noising is no solver of a base model's flow).
 OBJECTIVE_SAMPLERS = {"rf_denoiser": ("pingpong",), "rectified_flow": ("euler", "rk4", "dpmpp")}
 DTYPES = ("fp32", "fp16", "bf16")
+QUANTIZE_BITS = ("8", "4")  # MLX affine quantization of the DiT's block linears (sa3_mlx.quantize)
+QUANTIZE_GROUP_SIZES = ("32", "64", "128")  # what mx.quantize takes; 64 is its default
 LOUDNESS_RANGE = (-70.0, 0.0)  # LUFS: below -70 BS.1770 gates everything out; 0 is full scale
 MAX_INPAINT_RANGES = 32
 MAX_PROMPT_CHARS = 10_000  # far beyond the 256 tokens the text encoder reads
@@ -173,6 +175,12 @@ FIELDS: tuple[Field, ...] = (
           help="DiT compute precision (default fp32 on a CPU, fp16 on a GPU)"),
     Field("codec_dtype", "choice", choices=DTYPES, group="model",
           help="codec compute precision (default fp32; fp16 for SAME-L on a GPU)"),
+    Field("quantize", "choice", choices=QUANTIZE_BITS, fronts=("cli",), metavar="BITS", group="model",
+          help="quantize the DiT's transformer-block linear layers to 8 or 4 bits at load time (MLX affine "
+               "quantization; a file written by sa3 convert --quantize is read as it is); default off. "
+               "The studio takes it as a server flag"),
+    Field("quantize_group_size", "choice", choices=QUANTIZE_GROUP_SIZES, fronts=("cli",), metavar="N",
+          group="model", help="weights per quantization scale and bias (default 64, MLX's)"),
     Field("free_models", "bool", True, api_default=False, group="model", nullable=False,
           help="free each model after its last use to lower peak memory (default on; the studio keeps them)"),
     Field("steps", "int", MODEL_DEFAULT, minimum=1, maximum=1000,
@@ -659,6 +667,8 @@ def validate(values: Mapping[str, Any], bounds: Mapping[str, Mapping] | None = N
 
 
 def _cross_checks(s) -> None:
+    if s.quantize_group_size is not None and s.quantize is None:
+        raise SettingsError("quantize_group_size", "{quantize_group_size} needs {quantize} (the bits)")
     for start, end in s.inpaint:
         if end > s.seconds:
             raise SettingsError("inpaint", f"{{inpaint}} {start:g},{end:g} ends after {{seconds}} {s.seconds:g}")

@@ -682,13 +682,16 @@ class UpstreamModel:
         return self.dit_weights is not None
 
     # ---- loaders (strict, through the same code as the official files)
-    def load_dit(self, dtype: mx.Dtype = mx.float32, weights: Mapping | None = None):
-        """``(dit, conditioner)``; ``weights`` replaces the DiT tensors (e.g. LoRA-merged)."""
+    def load_dit(self, dtype: mx.Dtype = mx.float32, weights: Mapping | None = None, quantize=None):
+        """``(dit, conditioner)``; ``weights`` replaces the DiT tensors (e.g. LoRA-merged); ``quantize``
+        see :func:`sa3_mlx.models.dit.load_dit`."""
         from .conditioning import load_conditioner
         from .models.dit import DiTConfig, load_dit
+        from .weights import Overlay
 
         name = f"{self.root.name}/{WEIGHTS_FILE}"
-        dit, config, cond = load_dit(WeightDict(weights if weights is not None else self.dit_weights, name), dtype=dtype)
+        dit, config, cond = load_dit(Overlay(weights if weights is not None else self.dit_weights, {}, name),
+                                     dtype=dtype, quantize=quantize)
         check_dit_config(config, DiTConfig(**self.dit_config), self.root / CONFIG_FILE)
         return dit, load_conditioner(cond, name, seconds_range=self.seconds_range)
 

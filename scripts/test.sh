@@ -19,6 +19,6 @@ if [ "${1:-}" = "--gpu-path" ]; then
   export SA3_KERNELS=mlx SA3_COMPILE=1
   set -- "$@" tests/test_dit.py tests/test_same.py tests/test_t5gemma.py tests/test_pipeline_golden.py \
     tests/test_guidance_golden.py tests/test_upstream.py tests/test_upstream_cli.py tests/test_lora.py \
-    tests/test_kernels.py tests/test_cli.py tests/test_training_golden.py
+    tests/test_kernels.py tests/test_cli.py tests/test_training_golden.py tests/test_quantize.py
 fi
 exec .venv/bin/python -m pytest "$@"

@@ -159,7 +159,8 @@ def _banner_rows(s, pipe, plan, paths) -> list[tuple[str, str]]:
     if s.negative_prompt is not None:
         rows.append(("negative", repr(s.negative_prompt)))
     rows.append(("model", f"{pipe.model_name}  decoder {pipe.codec_name}  "
-                          f"dtypes: DiT {pipe.dtype_name}, codec {pipe.codec_dtype_name}"))
+                          f"dtypes: DiT {pipe.dtype_name}, codec {pipe.codec_dtype_name}"
+                          + (f"  DiT blocks quantized {pipe.quantize}" if pipe.quantize else "")))
     rows += [("lora", f"{Path(f['file']).name} ({f['type']}, rank {f['rank']}) x {f['strength']:g}"
                       + (f"  at sigma {f['active'][0]:g}..{f['active'][1]:g}" if f["active"] else "")
                       + (f"  conditioner x {f['cond_strength']:g}" if f["cond_strength"] is not None else "")

@@ -157,13 +157,23 @@ def _printable(value) -> str:
 def convert(argv: list[str]) -> int:
     """``sa3 convert REPO_OR_PATH OUT_DIR``."""
     from ..convert import convert as convert_release
+    from ..quantize import spec
+    from ..settings import QUANTIZE_BITS, QUANTIZE_GROUP_SIZES
 
     p = Parser(prog="sa3 convert", description="Convert an original Stable Audio 3 release (Hugging Face repo "
                "or local folder with model_config.json) into the official MLX file set.")
     p.add_argument("source", metavar="REPO_OR_PATH")
     p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    p.add_argument("--quantize", choices=QUANTIZE_BITS, metavar="BITS",
+                   help="write the DiT's transformer-block linear layers quantized to 8 or 4 bits (MLX affine "
+                        "quantization): a smaller file that loads quantized directly")
+    p.add_argument("--quantize-group-size", choices=QUANTIZE_GROUP_SIZES, metavar="N",
+                   help="weights per quantization scale and bias: 32, 64 (default, MLX's) or 128")
     args = p.parse_args(argv)
-    for path in convert_release(args.source, args.out_dir):
+    if args.quantize_group_size is not None and args.quantize is None:
+        p.error("--quantize-group-size needs --quantize (the bits)")
+    quantize = spec(args.quantize, args.quantize_group_size)
+    for path in convert_release(args.source, args.out_dir, quantize=quantize):
         print(path)
     return 0
 

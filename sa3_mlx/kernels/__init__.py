@@ -146,6 +146,15 @@ class Kernels:
         """``glu(proj(x), activation)``."""
         return self.glu(proj(x), activation)
 
+    # ------------------------------------------------------------ quantized weights
+
+    def quantized_linear(self, x: mx.array, layer: nn.QuantizedLinear) -> mx.array:
+        """``x @ W^T + bias`` for an affine-quantized ``layer`` (``nn.QuantizedLinear``'s tensors):
+        MLX's fused ``quantized_matmul``, which reads the packed weight directly (GPUs)."""
+        y = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
+                                group_size=layer.group_size, bits=layer.bits)
+        return y + layer.bias if "bias" in layer else y
+
     # ------------------------------------------------------------ attention
 
     def attention(

@@ -374,21 +374,23 @@ def sanitize(weights: Mapping) -> tuple[Mapping, dict[str, np.ndarray]]:
 
     ``dit_weights`` is a lazy view with the module's parameter names (the file's names
     already are), without ``transformer.rotary_pos_emb.inv_freq`` (derived, see
-    ``ROPE_INV_FREQ_KEY``). ``cond_weights`` are the conditioner's ``cond.*`` tensors,
-    read as they are, keyed without the ``cond.`` prefix (as
+    ``ROPE_INV_FREQ_KEY``) and a quantized file's ``QUANTIZATION`` record. ``cond_weights`` are the
+    conditioner's ``cond.*`` tensors, read as they are, keyed without the ``cond.`` prefix (as
     :func:`sa3_mlx.conditioning.load_conditioner` takes them).
     """
+    from ..quantize import RECORD_KEY
+
     dit_keys, cond_weights = [], {}
     for key in weights:
         if key.startswith(COND_PREFIX):
             cond_weights[key[len(COND_PREFIX):]] = weights[key]
-        elif key != ROPE_INV_FREQ_KEY:
+        elif key not in (ROPE_INV_FREQ_KEY, RECORD_KEY):
             dit_keys.append(key)
     return WeightView(weights, dit_keys), cond_weights
 
 
 def load_dit(
-    weights: Mapping | str | Path, dtype: mx.Dtype = mx.float32
+    weights: Mapping | str | Path, dtype: mx.Dtype = mx.float32, quantize=None,
 ) -> tuple[DiT, DiTConfig, dict[str, np.ndarray]]:
     """DiT, its config and the ``cond.*`` tensors (prefix removed) from an official DiT file.
 
@@ -396,13 +398,32 @@ def load_dit(
     must be a ``cond.*`` tensor or the RoPE ``inv_freq`` buffer; otherwise a
     :class:`~sa3_mlx.weights.WeightError` names the file and the key. Weights are
     cast to ``dtype``, one tensor at a time.
+
+    ``quantize`` (a :class:`sa3_mlx.quantize.Quantization`): the transformer blocks' linear layers
+    are quantized as they are read (:func:`sa3_mlx.quantize.dit_targets`). A quantized file (one with a
+    ``QUANTIZATION`` record) loads quantized as its record says; asking for another quantization of it
+    is an error.
     """
+    from .. import quantize as quant
+
     if isinstance(weights, (str, Path)):
         weights = NpzWeights(weights)
     file = getattr(weights, "name", "<memory>")
-    config = DiTConfig.from_weights(weights, file)
+    stored = quant.read_record(weights, file)
+    if stored is not None:
+        q, targets = stored
+        if quantize is not None and quantize != q:
+            raise WeightError(f"{file} is quantized {q}; it loads only as it is (leave out the quantization "
+                              f"or ask for {q.bits} bits, group {q.group_size}), not as {quantize}")
+        config = DiTConfig.from_weights(quant.LogicalShapes(weights, q, targets), file)
+    else:
+        q = quantize
+        config = DiTConfig.from_weights(weights, file)
     dit_weights, cond_weights = sanitize(weights)
     model = DiT(config)
+    if q is not None:
+        quant.swap(model, targets if stored is not None else quant.dit_targets(model, q), q)
+        model.quantization = q
     # The active backend's layout is applied while reading (CPU fp32: transposed for plain BLAS products).
     load_strict(model, dit_weights, file, dtype=dtype, linear_layout=kernels.active().linear_weight_layout(dtype))
     model.eval()

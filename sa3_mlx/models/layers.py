@@ -42,6 +42,49 @@ def silu_mlp(in_dims: int, hidden_dims: int, out_dims: int, bias: bool) -> list[
     return [nn.Linear(in_dims, hidden_dims, bias=bias), nn.SiLU(), nn.Linear(hidden_dims, out_dims, bias=bias)]
 
 
+class QuantizedLinear(nn.QuantizedLinear):
+    """An ``nn.Linear`` with MLX's affine-quantized weight (``mx.quantize``: ``weight`` uint32-packed,
+    ``scales`` and ``biases`` per group of ``group_size`` inputs), its product through the kernel seam
+    (:meth:`~sa3_mlx.kernels.Kernels.quantized_linear`). Built with zero tensors of the right shapes; the
+    loader fills them (:func:`sa3_mlx.weights.load_strict`)."""
+
+    def __init__(self, input_dims: int, output_dims: int, bias: bool = True, group_size: int = 64, bits: int = 4,
+                 mode: str = "affine"):
+        nn.Module.__init__(self)
+        if mode != "affine":
+            raise ValueError(f"only affine quantization is supported (got {mode!r})")
+        if input_dims % group_size or 32 % bits:
+            raise ValueError(f"{input_dims} inputs do not split into groups of {group_size} at {bits} bits")
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight = mx.zeros((output_dims, input_dims * bits // 32), dtype=mx.uint32)
+        self.scales = mx.zeros((output_dims, input_dims // group_size))
+        self.biases = mx.zeros((output_dims, input_dims // group_size))
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+
+    @classmethod
+    def like(cls, linear: nn.Linear, group_size: int, bits: int) -> "QuantizedLinear":
+        """An empty quantized layer of ``linear``'s shape (and bias)."""
+        out_dims, in_dims = linear.weight.shape
+        return cls(in_dims, out_dims, "bias" in linear, group_size, bits)
+
+    @property
+    def input_dims(self) -> int:
+        return self.weight.shape[1] * 32 // self.bits
+
+    def dense_weight(self) -> mx.array:
+        """The dequantized ``[out, in]`` weight, in the scales' dtype."""
+        return mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.active().quantized_linear(x, self)
+
+
+def dense_weight(layer: nn.Module) -> mx.array:
+    """A linear layer's ``[out, in]`` weight (dequantized when it is a :class:`QuantizedLinear`)."""
+    return layer.dense_weight() if isinstance(layer, QuantizedLinear) else layer.weight
+
+
 def run_layers(layers: Sequence[Callable[[mx.array], mx.array]], x: mx.array) -> mx.array:
     """Apply ``layers`` in order (the forward pass of a list built like :func:`silu_mlp`)."""
     for layer in layers:
@@ -158,8 +201,9 @@ class Attention(nn.Module):
         B, S, _ = context.shape
         head_dim = kv["values"].shape[-1]
         if S < head_dim:
-            out_dims = self.to_out.weight.shape[0]
-            per_head = self.to_out.weight.reshape(out_dims, self.num_heads, head_dim).transpose(1, 2, 0)
+            to_out = dense_weight(self.to_out)
+            out_dims = to_out.shape[0]
+            per_head = to_out.reshape(out_dims, self.num_heads, head_dim).transpose(1, 2, 0)
             kv["value_out"] = (kv["values"] @ per_head).reshape(B, self.num_heads * S, out_dims)
         return kv
 

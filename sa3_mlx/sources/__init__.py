@@ -73,8 +73,9 @@ class ModelSource(Protocol):
     def codec_layout(self, codec: str) -> CodecLayout: ...
     def fetch(self, codec: str, encoder: bool = False) -> list[Path]: ...
     def load_text(self, dtype) -> tuple[Any, Any]: ...  # (T5GemmaEncoder, tokenizer)
-    def dit_weights(self) -> Mapping: ...  # the stored DiT + cond.* tensors (LoRA merging starts here)
-    def load_dit(self, dtype, weights: Mapping | None = None) -> tuple[Any, Any]: ...  # (DiT, Conditioner)
+    def dit_weights(self) -> Mapping: ...  # the stored DiT + cond.* tensors, lazy where it can (LoRA merging)
+    # (DiT, Conditioner); quantize: a sa3_mlx.quantize.Quantization or None
+    def load_dit(self, dtype, weights: Mapping | None = None, quantize=None) -> tuple[Any, Any]: ...
     def load_codec(self, codec: str, role: str, dtype) -> Any: ...  # SAMEEncoder / SAMEDecoder
 
 

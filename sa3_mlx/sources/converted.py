@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .. import hub, upstream
-from ..weights import NpzWeights, WeightDict
+from ..weights import NpzWeights, Overlay
 from .release import ReleaseSource
 
 
@@ -35,23 +35,30 @@ class ConvertedModel:
             self.seconds_range = tuple(manifest["seconds_range"])
             self.training_seconds = manifest.get("training_seconds")
             self.dit_config = manifest["dit_config"]
+            self.quantization = None
+            if manifest.get("quantization"):
+                from ..quantize import Quantization
+
+                q = manifest["quantization"]
+                try:
+                    self.quantization = Quantization(q["bits"], q["group_size"])
+                except (KeyError, TypeError, ValueError) as e:
+                    raise upstream.UpstreamError(f"{manifest_path}: damaged 'quantization' entry ({e})") from None
         self._dit_weights = None
 
     @property
     def dit_weights(self) -> dict:
         """The stored DiT tensors (read on first use; LoRA merging starts from them)."""
         if self._dit_weights is None:
-            npz = NpzWeights(self.dit_file)
-            self._dit_weights = {k: npz[k] for k in npz}
-            npz.close()
+            self._dit_weights = NpzWeights(self.dit_file)  # lazy: a merge reads what it changes
         return self._dit_weights
 
-    def load_dit(self, dtype, weights=None):
+    def load_dit(self, dtype, weights=None, quantize=None):
         from ..conditioning import load_conditioner
         from ..models.dit import DiTConfig, load_dit
 
-        source = WeightDict(weights, self.dit_file.name) if weights is not None else self.dit_file
-        dit, config, cond = load_dit(source, dtype=dtype)
+        source = Overlay(weights, {}, self.dit_file.name) if weights is not None else self.dit_file
+        dit, config, cond = load_dit(source, dtype=dtype, quantize=quantize)
         upstream.check_dit_config(config, DiTConfig(**self.dit_config), self.root / hub.CONVERTED_MANIFEST)
         return dit, load_conditioner(cond, self.dit_file.name, seconds_range=self.seconds_range)
 

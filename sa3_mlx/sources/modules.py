@@ -63,7 +63,8 @@ class ModuleSource:
 
     def load_text(self, dtype):
         encoder, tokenizer = self._text()
-        return _cast(encoder, dtype), tokenizer
+        # The embedding table keeps its own dtype, as load_t5gemma keeps the file's (fp16: 0.39 GB, not 0.79).
+        return _cast(encoder, dtype, keep="embed_tokens"), tokenizer
 
     def dit_weights(self) -> Mapping:
         from mlx.utils import tree_flatten
@@ -75,15 +76,19 @@ class ModuleSource:
         weights.update({COND_PREFIX + k: v for k, v in tree_flatten(conditioner.parameters())})
         return weights
 
-    def load_dit(self, dtype, weights: Mapping | None = None):
+    def load_dit(self, dtype, weights: Mapping | None = None, quantize=None):
         if weights is not None:
             from ..conditioning import load_conditioner
             from ..models.dit import load_dit
-            from ..weights import WeightDict
+            from ..weights import Overlay
 
-            dit, _, cond = load_dit(WeightDict(weights, self.name), dtype=dtype)
+            dit, _, cond = load_dit(Overlay(weights, {}, self.name), dtype=dtype, quantize=quantize)
             return dit, load_conditioner(cond, self.name)
         dit, conditioner = self._dit()
+        if quantize is not None:  # layer by layer, before the rest is evaluated: never the whole float DiT
+            from ..quantize import dit_targets, quantize_module
+
+            quantize_module(dit, quantize, dit_targets(dit, quantize), dtype)
         return _cast(dit, dtype), conditioner
 
     def load_codec(self, codec: str, role: str, dtype):
@@ -92,11 +97,16 @@ class ModuleSource:
         return _cast(self._codec(codec, role), dtype)
 
 
-def _cast(module, dtype):
+def _cast(module, dtype, keep: str | None = None):
+    """Cast ``module``'s floating parameters to ``dtype``, except those under the submodule ``keep``."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
 
-    if dtype is not None and any(v.dtype != dtype for _, v in _floating(module)):
+    kept = [] if keep is None else [(k, v) for k, v in tree_flatten(module.parameters()) if k.startswith(keep + ".")]
+    if dtype is not None and any(v.dtype != dtype for k, v in _floating(module) if k not in dict(kept)):
         module.set_dtype(dtype)
+        if kept:
+            module.update(tree_unflatten(kept))  # as they were built
     mx.eval(module.parameters())
     return module
 
@@ -113,21 +123,38 @@ def random_source(model: str = "sm-music") -> ModuleSource:
     if model not in RELEASED_DIT:
         raise ValueError(f"no released architecture for {model!r} (choose from {', '.join(RELEASED_DIT)})")
 
+    # Each part from its own seed: every build of a part has the same values (the fidelity benchmark
+    # compares pipelines built apart).
     def text():
+        import mlx.core as mx
+
         from ..models.t5gemma import T5GemmaConfig, T5GemmaEncoder, Tokenizer
 
-        return T5GemmaEncoder(T5GemmaConfig(**RELEASED_T5GEMMA)), Tokenizer(bench_tokenizer(), pad_id=0)
+        mx.random.seed(0)
+        encoder = T5GemmaEncoder(T5GemmaConfig(**RELEASED_T5GEMMA))
+        # fp16, as the official file holds it; a random block repeated down the vocabulary, so that building it
+        # never holds a transient fp32 table (0.79 GB) that loading the real file does not have either
+        rows, width = encoder.embed_tokens.weight.shape
+        block = mx.random.normal((2000, width)).astype(mx.float16)
+        encoder.embed_tokens.weight = mx.tile(block, (-(-rows // 2000), 1))[:rows]
+        return encoder, Tokenizer(bench_tokenizer(), pad_id=0)
 
     def dit():
+        import mlx.core as mx
+
         from ..conditioning import Conditioner, ConditionerConfig
         from ..models.dit import DiT, DiTConfig
 
+        mx.random.seed(1)
         config = DiTConfig(**RELEASED_DIT[model])
         return DiT(config), Conditioner(ConditionerConfig(cond_dim=config.cond_token_dim, seconds_features=256))
 
     def codec(name: str, role: str):
+        import mlx.core as mx
+
         from ..models.same import SAMEConfig, build_same
 
+        mx.random.seed(2 if role == "decoder" else 3)
         same = RELEASED_SAME[name]
         kernel = 3 if (same["family"], role) == ("s", "decoder") else 1  # the SAME-S decoder's output conv
         return build_same(SAMEConfig(role=role, latent_dim=256, io_channels=512, mapping_kernel=kernel, **same))

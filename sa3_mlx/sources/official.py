@@ -43,18 +43,18 @@ class OfficialSource:
         return encoder, tokenizer
 
     def dit_weights(self) -> Mapping:
-        from ..weights import WeightDict, read_all
+        from ..weights import NpzWeights
 
-        path = self._path(hub.MODELS[self.name].dit_file)
-        return WeightDict(read_all(path), path.name)
+        return NpzWeights(self._path(hub.MODELS[self.name].dit_file))  # lazy: a merge reads what it changes
 
-    def load_dit(self, dtype, weights: Mapping | None = None):
+    def load_dit(self, dtype, weights: Mapping | None = None, quantize=None):
         from ..conditioning import load_conditioner
         from ..models.dit import load_dit
-        from ..weights import WeightDict
+        from ..weights import Overlay
 
         path = self._path(hub.MODELS[self.name].dit_file)
-        dit, _, cond = load_dit(path if weights is None else WeightDict(weights, path.name), dtype=dtype)
+        source = path if weights is None else Overlay(weights, {}, path.name)
+        dit, _, cond = load_dit(source, dtype=dtype, quantize=quantize)
         return dit, load_conditioner(cond, path.name)
 
     def load_codec(self, codec: str, role: str, dtype):

@@ -27,6 +27,7 @@ class ReleaseSource:
         self.prompt_tokens = model.text.max_length
         self.shift = spec.shift
         self.training_seconds = model.training_seconds
+        self.quantization = getattr(model, "quantization", None)  # a quantized sa3 convert folder's
 
     def codec_layout(self, codec: str) -> CodecLayout:
         c = self.model.codec
@@ -41,8 +42,8 @@ class ReleaseSource:
     def dit_weights(self) -> Mapping:
         return self.model.dit_weights
 
-    def load_dit(self, dtype, weights: Mapping | None = None):
-        return self.model.load_dit(dtype, weights)
+    def load_dit(self, dtype, weights: Mapping | None = None, quantize=None):
+        return self.model.load_dit(dtype, weights, quantize)
 
     def load_codec(self, codec: str, role: str, dtype):
         if codec != self.codec:

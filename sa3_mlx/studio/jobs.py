@@ -103,12 +103,15 @@ class Studio:
     def __init__(self, output_dir: str | Path, weights_dir: str | Path | None = None,
                  limits: Limits | None = None, queue_size: int = 8,
                  upload_hours: float = 24.0, upload_budget_bytes: int = 1 << 30, preview_every: int = 0,
-                 lora_dir: str | Path | None = None):
+                 lora_dir: str | Path | None = None, quantize: str | None = None,
+                 quantize_group_size: str | None = None):
         self.output_dir = Path(output_dir).resolve()
         self.lora_dir = None if lora_dir is None else Path(lora_dir).resolve()  # adapters jobs may name
         self.uploads_dir = self.output_dir / "uploads"
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.weights_dir = weights_dir
+        # The server's --quantize (settings words, "4"): every job's DiT is quantized so (not a job's choice).
+        self.quantize, self.quantize_group_size = quantize, quantize_group_size
         self.preview_every = preview_every  # live previews every N steps (0: none)
         self.limits = limits or Limits()
         self.upload_seconds = upload_hours * 3600.0  # uploads older than this are removed
@@ -361,7 +364,8 @@ class Studio:
         base model is not read again), else replaced (the old models are dropped before the new load)."""
         from ..pipeline import Pipeline
 
-        wanted = settings.replace(loras=self.lora_paths(settings.loras))
+        wanted = settings.replace(loras=self.lora_paths(settings.loras), quantize=self.quantize,
+                                  quantize_group_size=self.quantize_group_size)
         if self.pipeline is not None:
             probe = Pipeline.from_settings(wanted.replace(loras=()), weights_dir=self.weights_dir, progress=False)
             if probe.base_key() == self.pipeline.base_key():

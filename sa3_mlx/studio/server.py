@@ -14,6 +14,7 @@ import webbrowser
 from pathlib import Path
 
 from ..arguments import Parser, UsageError, finite_float, positive_int, whole_number
+from ..settings import QUANTIZE_BITS, QUANTIZE_GROUP_SIZES
 from .app import is_loopback
 from .settings import Limits
 
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-every", type=preview_steps, default=4, metavar="N",
                    help="live preview: every N sampling steps the page shows the spectrogram of what the step "
                         "predicts (one decode each; default 4; 0 = off)")
+    p.add_argument("--quantize", choices=QUANTIZE_BITS, metavar="BITS",
+                   help="quantize every job's DiT (its transformer-block linear layers) to 8 or 4 bits at load "
+                        "time: less memory (see the README's table of which setting for which machine)")
+    p.add_argument("--quantize-group-size", choices=QUANTIZE_GROUP_SIZES, metavar="N",
+                   help="weights per quantization scale and bias: 32, 64 (default) or 128")
     p.add_argument("--max-seconds", type=finite_float, default=limits.max_seconds,
                    help=f"longest audio a job may ask for (default and most {limits.max_seconds:g})")
     p.add_argument("--max-steps", type=positive_int, default=limits.max_steps,
@@ -95,6 +101,8 @@ def run(argv: list[str]) -> int:
         raise UsageError("--api-key must be at least 8 letters, digits or - _ . ~ (e.g. `openssl rand -hex 16`)")
     if args.weights_dir is not None and not args.weights_dir.is_dir():
         raise UsageError(f"--weights-dir {args.weights_dir}: no such folder")
+    if args.quantize_group_size is not None and args.quantize is None:
+        raise UsageError("--quantize-group-size needs --quantize (the bits)")
     if args.lora_dir is not None and not args.lora_dir.is_dir():
         raise UsageError(f"--lora-dir {args.lora_dir}: no such folder")
     table = Limits()  # the settings table's own bounds: a server can narrow them, not widen them
@@ -123,7 +131,8 @@ def run(argv: list[str]) -> int:
     sock = listen(args.host, args.port)
     try:
         studio = Studio(args.output_dir, weights_dir=args.weights_dir, limits=limits, queue_size=args.queue_size,
-                        preview_every=args.preview_every, lora_dir=args.lora_dir,
+                        preview_every=args.preview_every, lora_dir=args.lora_dir, quantize=args.quantize,
+                        quantize_group_size=args.quantize_group_size,
                         upload_hours=args.upload_hours, upload_budget_bytes=int(args.upload_budget_mb * 2**20))
     except (sqlite3.Error, OSError) as e:
         sock.close()
