@@ -86,9 +86,27 @@ def reuse_freed_memory() -> bool:
     return ok
 
 
+def passive_openmp() -> bool:
+    """Make GNU OpenMP's idle threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``) on Linux x86-64,
+    unless the variable is set already; True when this call set it.
+
+    oneDNN (the CPU backend's bf16 products, :mod:`sa3_mlx.kernels.onednn`) runs on libgomp, whose
+    threads otherwise spin after each product on the cores that numpy's workers and OpenBLAS use
+    next: alternating oneDNN and OpenBLAS products ran at ~53 GFLOP/s instead of ~200 on the 2-core
+    dev box. libgomp reads the variable once, when it loads, so it is set here, before anything can
+    load it (``sa3_mlx/__init__.py`` and the preload line).
+    """
+    if sys.platform != "linux" or platform.machine() != "x86_64" or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
 def load_fast_blas() -> str | None:
-    """Load the first optimized BLAS found (Linux only); returns its path or None."""
+    """Load the first optimized BLAS found (Linux only); returns its path or None.
+    Also :func:`passive_openmp`, which must come as early."""
     global _loaded, _reason
+    passive_openmp()
     if _loaded is not None or sys.platform != "linux":
         _reason = _reason if sys.platform == "linux" else "not needed on this platform"
         return _loaded

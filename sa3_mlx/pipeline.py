@@ -267,12 +267,18 @@ class Pipeline:
             weights = self.loras.apply(self._stored_dit())
             self._merged_keys = set(weights.changes)
         with kernels.use(self.kernels):  # the loader lays the weights out for this backend as it reads them
-            dit, conditioner = self.source.load_dit(self.dit_dtype, weights, self.quantize)
-        self.kernels.prepare(dit)  # modules built in memory (random weights) get the same layout here
+            dit, conditioner = self.source.load_dit(self.dit_compute_dtype, weights, self.quantize)
+        self.kernels.prepare(dit, self.dit_dtype)  # modules built in memory (random weights) get the same layout here
         self._dit, self._conditioner = dit, conditioner
         self.weight_bytes["dit"] = parameter_bytes(dit)
         self._denoiser = Denoiser(dit, self.compile_steps)
         self._check_widths()
+
+    @property
+    def dit_compute_dtype(self) -> mx.Dtype:
+        """What the DiT is loaded and run in: ``dit_dtype``, or fp32 where the kernels backend runs that
+        precision's products from fp32 activations (bf16 on CPUs with oneDNN: ``Kernels.compute_dtype``)."""
+        return self.kernels.compute_dtype(self.dit_dtype)
 
     @property
     def dit(self) -> DiT:
@@ -303,8 +309,8 @@ class Pipeline:
         if active not in self._gated:
             weights = self.loras.subset(active).apply(self._stored_dit())
             with kernels.use(self.kernels):
-                dit, _ = self.source.load_dit(self.dit_dtype, weights, self.quantize)
-            self.kernels.prepare(dit)
+                dit, _ = self.source.load_dit(self.dit_compute_dtype, weights, self.quantize)
+            self.kernels.prepare(dit, self.dit_dtype)
             self._gated[active] = Denoiser(dit, self.compile_steps)
         return self._gated[active]
 
@@ -529,7 +535,7 @@ class Pipeline:
         latents = None
         denoiser = self.denoiser
         states = denoiser.steps(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, local_cond,
-                                padding_mask, s.sampler, self.dit_dtype)
+                                padding_mask, s.sampler, self.dit_compute_dtype)
         for i, latents in enumerate(states, start=1):
             yield Step(i, s.steps)
             if preview_every > 0 and i % preview_every == 0 and i < s.steps and denoiser.denoised is not None:
@@ -672,7 +678,7 @@ class Pipeline:
         sigmas = mx.array(plan.sigmas, dtype=mx.float32)
         latents = None
         for latents in self.denoiser.steps(noise, sigmas, cross, global_cond, uncond, guidance, step_noise, None,
-                                           padding_mask, first.sampler, self.dit_dtype):
+                                           padding_mask, first.sampler, self.dit_compute_dtype):
             pass
         latents = latents.astype(mx.float32)
         mx.eval(latents)

@@ -89,9 +89,15 @@ class Kernels:
 
     # ------------------------------------------------------------ policies
 
-    def prepare(self, module: nn.Module) -> None:
+    def prepare(self, module: nn.Module, precision: mx.Dtype | None = None) -> None:
         """Lay out ``module``'s weights for this backend, in place (values and shapes unchanged).
-        The reference keeps them as loaded."""
+        ``precision``: the dtype the module was asked to run in, when :meth:`compute_dtype` loaded it
+        in another one. The reference keeps the weights as loaded."""
+
+    def compute_dtype(self, dtype: mx.Dtype) -> mx.Dtype:
+        """The dtype a model asked to run in ``dtype`` is loaded and computed in; then
+        ``prepare(module, dtype)`` gives its weights what that precision needs. The reference: ``dtype``."""
+        return dtype
 
     def linear_weight_layout(self, dtype: mx.Dtype):
         """What a loader should do to each ``nn.Linear`` weight it reads as ``dtype`` (a numpy array ->

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import DyTParams, Kernels, NormParams, RMSNormParams, _check_activation
+from . import DyTParams, Kernels, NormParams, RMSNormParams, _check_activation, onednn
 
 # Below this many elements the round trip through numpy costs more than it saves.
 NUMPY_MIN_ELEMENTS = 1 << 14
@@ -67,12 +67,22 @@ class CPUKernels(Kernels):
     name = "cpu"
     chunk_group_tokens = CPU_GROUP_TOKENS
 
-    def prepare(self, module: nn.Module) -> None:
+    def prepare(self, module: nn.Module, precision: mx.Dtype | None = None) -> None:
         """fp32 ``nn.Linear`` weights stored for plain BLAS products
         (:func:`store_linear_weights_transposed`); anything else as loaded. A module whose loader
-        applied :meth:`linear_weight_layout` already is left as it is."""
-        if not getattr(module, "linear_weights_transposed", False):
+        applied :meth:`linear_weight_layout` already is left as it is. ``precision`` bf16 (a module
+        loaded in fp32 by :meth:`compute_dtype`): its linear layers get bf16 weights and oneDNN
+        products (:func:`~sa3_mlx.kernels.onednn.use_bf16_products`)."""
+        if precision is not None and precision == mx.bfloat16 and onednn.available():
+            onednn.use_bf16_products(module)
+        elif not getattr(module, "linear_weights_transposed", False):
             store_linear_weights_transposed(module)
+
+    def compute_dtype(self, dtype: mx.Dtype) -> mx.Dtype:
+        """bf16 where oneDNN has native bf16 products here (:func:`~sa3_mlx.kernels.onednn.status`):
+        fp32 activations, bf16 weights and matmul inputs, fp32 sums; MLX's own bf16 CPU kernels run
+        about 40x slower than fp32. Elsewhere ``dtype`` as asked."""
+        return mx.float32 if dtype is not None and dtype == mx.bfloat16 and onednn.available() else dtype
 
     def linear_weight_layout(self, dtype: mx.Dtype):
         """fp32 targets: transpose the stored (half-precision) weight before it is cast, which moves
@@ -170,7 +180,7 @@ class CPUKernels(Kernels):
         first copies the bias into the whole output: 33 ms of a SAME-S block's 245 ms
         product at 30 s, measured)."""
         bias = getattr(proj, "bias", None) if "bias" in proj else None
-        if bias is None or x.dtype != mx.float32:
+        if bias is None or x.dtype != mx.float32 or isinstance(proj, onednn.BF16Linear):  # oneDNN adds it itself
             return self.glu(proj(x), activation)
         return self.glu(x @ _dense(proj).T, activation, bias)
 
