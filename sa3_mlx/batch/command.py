@@ -236,7 +236,7 @@ def _executor(args, folder: Path):
         def make_pipeline(settings):
             return Pipeline.from_settings(settings, weights_dir=weights_dir, progress=False)
 
-        return LocalExecutor(folder, make_pipeline, weights_dir)
+        return LocalExecutor(folder, make_pipeline, weights_dir, now=args.now)
     from .cluster import RayExecutor, import_ray
 
     import_ray()  # the install hint, before anything else
