@@ -354,6 +354,19 @@ def train_main(args) -> int:
     return 0
 
 
+def _cell_process(spec: dict, console, label: str, names: dict) -> dict:
+    """One bench cell in a fresh process (its own peak memory, no warm caches): its result, or ``names``
+    with the error its last line of stderr gives."""
+    console.print(label, end="")
+    proc = subprocess.run([sys.executable, "-m", "sa3_mlx", "bench", "--cell", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        console.print(f" [red]{error}[/red]")
+        return dict(names, error=error)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _cells(args) -> list[tuple[str, float]]:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     lengths = [float(s) for s in args.seconds.split(",") if s.strip()]
@@ -384,15 +397,10 @@ def quantize_main(args) -> int:
                         weights_dir=args.weights_dir, dit_dtype=args.dit_dtype, warmup=0,
                         codec_dtype=args.codec_dtype, bits=bits,
                         group_size=None if args.group_size is None else int(args.group_size))
-            console.print(f"  {model} {seconds:g} s, {bits} bits ...", end="")
-            proc = subprocess.run([sys.executable, "-m", "sa3_mlx", "bench", "--cell", json.dumps(spec)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                console.print(f" [red]{error}[/red]")
-                results.append(dict(model=model, seconds=seconds, bits=bits, error=error))
+            results.append(_cell_process(spec, console, f"  {model} {seconds:g} s, {bits} bits ...",
+                                         dict(model=model, seconds=seconds, bits=bits)))
+            if "error" in results[-1]:
                 continue
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             console.print(f" {results[-1]['wall_s']:.2f} s")
     if args.json:
         print(json.dumps({"hardware": hw, "quantize": results}, indent=2))
@@ -528,15 +536,10 @@ def main(argv: list[str]) -> int:
     for model, seconds in cells:
         spec = dict(model=model, seconds=seconds, steps=args.steps, random_weights=args.random_weights,
                     weights_dir=args.weights_dir, dit_dtype=args.dit_dtype, warmup=warmup, repeat=repeat, codec_dtype=args.codec_dtype)
-        console.print(f"  running {model} {seconds:g} s ...", end="")
-        proc = subprocess.run([sys.executable, "-m", "sa3_mlx", "bench", "--cell", json.dumps(spec)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            console.print(f" [red]{error}[/red]")
-            results.append(dict(model=model, seconds=seconds, error=error))
+        results.append(_cell_process(spec, console, f"  running {model} {seconds:g} s ...",
+                                     dict(model=model, seconds=seconds)))
+        if "error" in results[-1]:
             continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         console.print(f" {results[-1]['wall_s']:.2f} s")
 
     if args.json:
