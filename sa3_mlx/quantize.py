@@ -25,7 +25,7 @@ Both round the scales and biases to fp16 (the files' precision), so a file writt
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -33,7 +33,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .models.layers import QuantizedLinear
-from .weights import WeightError, shape_of
+from .weights import WeightError, WeightView, shape_of
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -163,27 +163,15 @@ def read_record(weights: Mapping, file: str) -> tuple[Quantization, list[str]] |
                           "(sa3 convert --quantize)") from None
 
 
-class LogicalShapes(Mapping):
+class LogicalShapes(WeightView):
     """A quantized file seen with its layers' unquantized shapes (``X.weight`` ``[out, in]`` instead of the
-    packed ``[out, in * bits / 32]``), for the config inference; no tensor is read."""
+    packed ``[out, in * bits / 32]``), for the config inference; no tensor is read. ``keys``: the keys shown
+    (default all)."""
 
-    def __init__(self, weights: Mapping, q: Quantization, layers: list[str]):
-        self._weights = weights
-        self._packed = {f"{name}.weight" for name in layers}
+    def __init__(self, weights: Mapping, q: Quantization, layers: list[str], keys: Iterable[str] | None = None):
+        super().__init__(weights, weights if keys is None else keys)
         self._q = q
-        self.name = getattr(weights, "name", "<memory>")
-
-    def __getitem__(self, key: str):
-        return self._weights[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._weights)
-
-    def __len__(self) -> int:
-        return len(self._weights)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._weights
+        self._packed = {f"{name}.weight": name for name in layers}
 
     def shape(self, key: str) -> tuple[int, ...]:
         shape = shape_of(self._weights, key)
@@ -211,46 +199,24 @@ def quantized_arrays(weights: Mapping, q: Quantization, layers: list[str]) -> di
     return out
 
 
-class DequantizedView(Mapping):
+class DequantizedView(LogicalShapes):
     """A quantized file seen as a float one (LoRA merging starts from float weights): each quantized
     layer's ``X.weight`` dequantized to fp32 ``[out, in]`` when read, its ``X.scales``/``X.biases`` and the
     record hidden. Merging into these and quantizing again is all a quantized file allows; quantizing the
     fp16 file at load time (``--quantize``) merges into the stored weights instead."""
 
     def __init__(self, weights: Mapping, q: Quantization, layers: list[str]):
-        self._weights = weights
-        self._q = q
-        self._packed = {f"{name}.weight": name for name in layers}
         hidden = {RECORD_KEY} | {f"{name}.{t}" for name in layers for t in ("scales", "biases")}
-        self._keys = [k for k in weights if k not in hidden]
-        self._key_set = set(self._keys)
-        self.name = getattr(weights, "name", "<memory>")
+        super().__init__(weights, q, layers, keys=[k for k in weights if k not in hidden])
 
     def __getitem__(self, key: str):
-        if key not in self._key_set:
-            raise KeyError(key)
         if key not in self._packed:
-            return self._weights[key]
+            return super().__getitem__(key)  # KeyError for the hidden keys
         prefix = self._packed[key]
         w = mx.dequantize(mx.array(self._weights[key]), mx.array(self._weights[f"{prefix}.scales"]).astype(mx.float32),
                           mx.array(self._weights[f"{prefix}.biases"]).astype(mx.float32),
                           group_size=self._q.group_size, bits=self._q.bits)
         return np.array(w)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._key_set
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        shape = shape_of(self._weights, key)
-        if key in self._packed:
-            return (shape[0], shape[1] * 32 // self._q.bits)
-        return shape
 
 
 def float_view(weights: Mapping) -> Mapping:
