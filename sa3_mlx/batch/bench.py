@@ -69,10 +69,9 @@ def measure(model: str, seconds: float, clips: int, steps: int, workers: list[in
 def main(args, info: dict) -> int:
     """``args``: the parsed ``sa3 bench`` flags; ``info``: the machine (``sa3_mlx.bench.hardware()``)."""
     workers = [int(x) for x in str(args.batch_workers).split(",") if x]
-    models = [m for m in args.models.split(",") if m]
-    seconds = [float(x) for x in str(args.seconds).split(",") if x]
-    results = [measure(model, s, args.batch, args.steps, workers, Path(args.bundle_dir), not args.no_cli_loop)
-               for model in models[:1] for s in seconds[:1]]
+    model = next(m for m in args.models.split(",") if m)  # the first of each: one measured configuration
+    seconds = next(float(x) for x in str(args.seconds).split(",") if x)
+    results = [measure(model, seconds, args.batch, args.steps, workers, Path(args.bundle_dir), not args.no_cli_loop)]
     if args.json:
         print(json.dumps(dict(hardware=info, batch=results), indent=1))
         return 0

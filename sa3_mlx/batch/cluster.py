@@ -114,6 +114,7 @@ class RayExecutor:
         self.joined: list[WorkerInfo] = []
         self.count = 0
         self._connect()
+        self.actor_class = self.ray.remote(RenderWorker)
 
     # ---- the cluster ----------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -214,12 +215,10 @@ class RayExecutor:
 
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        ray = self.ray
         self.count += 1
         name = f"w{self.count}"
         threads = str(slot["num_cpus"] or 1)
-        actor_class = ray.remote(RenderWorker)
-        actor = actor_class.options(
+        actor = self.actor_class.options(
             num_cpus=slot["num_cpus"], num_gpus=slot["num_gpus"], max_restarts=0, max_task_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(slot["node"], soft=False),
             runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}},

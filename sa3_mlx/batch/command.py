@@ -129,8 +129,7 @@ class Report:
             self._worker(event.worker)
         elif isinstance(event, ItemDone):
             self.done += 1
-            w = self.workers.setdefault(event.worker, dict(node="?", device="?", pid=None, items=0, audio=0.0,
-                                                           since=time.monotonic(), state="ready"))
+            w = self.workers[event.worker]  # the driver reports a worker before giving it work
             w["items"] += 1
             w["audio"] += event.rendered.audio_seconds
             r = event.rendered

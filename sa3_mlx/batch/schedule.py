@@ -34,7 +34,6 @@ class Unit:
     items: list[Item]
     attempts: int = 0  # failed runs of this unit (and of the item it was split from)
     failed_on: Counter = field(default_factory=Counter)  # failures per worker (a retry goes elsewhere)
-    errors: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> tuple:
@@ -251,10 +250,9 @@ class Driver:
             self.report(WorkerLost(outcome.worker, error))
         stats["failed"] += 1
         unit.failed_on[outcome.worker] += 1
-        unit.errors.append(error)
         if len(unit.items) > 1 and not outcome.lost:  # whose fault? each item alone, then
             for item in reversed(unit.items):
-                self.pending.appendleft(Unit([item], unit.attempts, Counter(unit.failed_on), list(unit.errors)))
+                self.pending.appendleft(Unit([item], unit.attempts, Counter(unit.failed_on)))
             return
         unit.attempts += 1
         final = unit.attempts > self.retries
