@@ -68,7 +68,7 @@ class _MergedStep:
         class Merged(TrainStep):
             def __init__(self):
                 self.dit, self.conditioner, self.lora, self.mask_loss_weight = dit, conditioner, lora, 1.0
-                self._blocks, self._grad = None, mx.value_and_grad(self._loss)
+                self._blocks, self._fused, self._grad = None, None, mx.value_and_grad(self._loss)
 
             def set_weights(self, params):
                 for key, w in self.lora.weights(params).items():
@@ -99,7 +99,7 @@ def test_differential_dit_step_equals_the_merged_form(kind):
     mx.random.seed(0)
     rng = np.random.default_rng(0)
     steps = []
-    for _ in range(2):
+    for _ in range(3):
         dit, cond = DiT(config), Conditioner(ConditionerConfig(cond_dim=32, seconds_features=256))
         steps.append((dit, cond))
     weights = dict(tree_flatten(steps[0][0].parameters()))
@@ -121,11 +121,15 @@ def test_differential_dit_step_equals_the_merged_form(kind):
                   inpaint_mask=mx.array([[1.0] * 4 + [0.0] * 8, [0.0] * T]))
     loss_f, grads_f = TrainStep(*steps[0], lora, mask_loss_weight=1.0).loss_and_grad(params, batch)
     loss_m, grads_m = _MergedStep(*steps[1], lora).loss_and_grad(params, batch)
-    assert abs(float(loss_f) - float(loss_m)) <= 2e-6 * abs(float(loss_m))
+    # --fused (compiled blocks, the backward pass written out), here with a padded item and a value mask
+    loss_c, grads_c = TrainStep(*steps[2], lora, mask_loss_weight=1.0, fused=True).loss_and_grad(params, batch)
     scale = max(float(mx.abs(g).max()) for g in grads_m.values())
     assert scale > 0
-    for key, g in grads_m.items():
-        np.testing.assert_allclose(np.array(grads_f[key]), np.array(g), atol=2e-6 * scale, err_msg=key)
+    for loss, grads in ((loss_f, grads_f), (loss_c, grads_c)):
+        assert abs(float(loss) - float(loss_m)) <= 2e-6 * abs(float(loss_m))
+        assert set(grads) == set(grads_m)
+        for key, g in grads_m.items():
+            np.testing.assert_allclose(np.array(grads[key]), np.array(g), atol=2e-6 * scale, err_msg=key)
 
 
 def test_a_bfloat16_base_in_memory_builds_adapters():

@@ -275,3 +275,58 @@ def test_gradient_checkpointing_gives_the_same_step(model, golden):
     for key, g in results[0][1].items():
         close(results[1][1][key], g, f"checkpointed grad {key}", scale=scale)
     close(results[1][0], case["loss"], "checkpointed loss")
+
+
+@pytest.mark.parametrize("name", ["dora-rows", "lora-xs", "lora_filtered", "trainlora"])
+def test_fused_step_gives_upstreams_step(model, golden, name):
+    """sa3 train --fused (compiled blocks shared by the layers, the backward pass written out
+    block by block): upstream's loss and every gradient, as the plain step. The cases cover
+    the -xs bases (per-layer constants), a filter that leaves layers built differently (two
+    traces), and train_lora.py's inpaint masks and context loss."""
+    case = load_case(golden / "train", f"case_train_{name}.npz")
+    lora = LoraParametrization.build(model.dit_weights, _config(case), bases=_bases(case) or None)
+    dit, conditioner = model.load_dit()
+    step = TrainStep(dit, conditioner, lora, mask_loss_weight=1.0 if name == "trainlora" else 0.0, fused=True)
+    layers = {}
+    for module in lora.modules:
+        if module.startswith("model.transformer.layers."):
+            i, rest = module[len("model.transformer.layers."):].split(".", 1)
+            layers.setdefault(int(i), set()).add(rest)
+    kinds = {frozenset(layers.get(i, ())) for i in range(len(dit.transformer.layers))}
+    assert step._fused.traces == len(kinds)  # one trace per kind of layer
+    if name == "lora_filtered":
+        assert len(kinds) > 1
+    params = {k[len("before/"):]: mx.array(v) for k, v in case.items() if k.startswith("before/")}
+    loss, grads = step.loss_and_grad(params, _batch(case))
+    close(loss, case["loss"], f"fused {name} loss")
+    assert set(grads) == {k[len("grad/"):] for k in case if k.startswith("grad/")}
+    scale = max(float(np.abs(case["grad/" + k]).max()) for k in grads)
+    for key, g in grads.items():
+        close(g, case["grad/" + key], f"fused {name} grad {key}", scale=scale)
+    # the layers' modules hold their own weights again (the trace swaps a template's in and out)
+    after, _ = step.loss_and_grad(params, _batch(case))
+    assert float(after) == float(loss)
+
+
+def test_compiled_adamw_equals_the_plain_update(golden):
+    """The GPU default (one mx.compile'd update of every tensor) gives the plain update's values,
+    with warm-up and clipping, over steps whose learning rate changes."""
+    rng = np.random.default_rng(0)
+    shapes = [(4, 3), (7,), (2, 5)]
+    params = {f"p{i}": mx.array(rng.standard_normal(shape).astype(np.float32)) for i, shape in enumerate(shapes)}
+    steps = [{f"p{i}": mx.array(rng.standard_normal(shape).astype(np.float32) * (k + 1))
+              for i, shape in enumerate(shapes)} for k in range(3)]
+    results = []
+    for compiled in (False, True):
+        opt, p, norms = AdamW(lr=1e-2, warmup_steps=2, clip_norm=0.5, compiled=compiled), dict(params), []
+        for grads in steps:
+            p, norm = opt.update(p, grads)
+            norms.append(float(norm))
+        results.append((p, norms, opt.arrays()))
+    (p0, n0, s0), (p1, n1, s1) = results
+    assert n0 == pytest.approx(n1, rel=1e-6)
+    for name in p0:
+        np.testing.assert_allclose(np.array(p1[name]), np.array(p0[name]), rtol=1e-6, atol=1e-7)
+    assert set(s0) == set(s1)
+    for name in s0:
+        np.testing.assert_allclose(np.array(s1[name]), np.array(s0[name]), rtol=1e-6, atol=1e-9)

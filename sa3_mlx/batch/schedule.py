@@ -17,6 +17,7 @@ group of items of one settings shape, :func:`~.items.groups`) and report each on
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -178,9 +179,24 @@ class Driver:
         workers = self.executor.start()
         self.report(Started(len(self.items), len(done_before), len(todo), workers))
         started = time.perf_counter()
-        stopping = False
+        # The first Ctrl-C / SIGTERM is noted here and acted on at the top of the loop, not raised wherever the
+        # main thread is: a KeyboardInterrupt raised inside a cluster client's wait can be lost there.
+        held: list = []
+        guard = contextlib.nullcontext() if getattr(self.executor, "holds_signals", False) or self.now \
+            else _signals_held(held, now=False)
+        with guard:
+            self._loop(manifest, keys, summary, held)
+        summary.wall_seconds = time.perf_counter() - started
+        summary.left = summary.total - summary.skipped - summary.done - summary.failed
+        return summary
+
+    def _loop(self, manifest: Manifest, keys: dict, summary: Summary, held: list) -> None:
+        stopping, noticed = False, 0
         while self.pending or self.executor.running():
             try:
+                if len(held) > noticed:  # a signal came (see _run)
+                    noticed = len(held)
+                    raise KeyboardInterrupt
                 if stopping and not self.executor.running():
                     break
                 for info in self.executor.new_workers():
@@ -200,9 +216,6 @@ class Driver:
                 summary.interrupted = e
                 stopping = True
                 self.report(Stopping(self.executor.running(), now=False))
-        summary.wall_seconds = time.perf_counter() - started
-        summary.left = summary.total - summary.skipped - summary.done - summary.failed
-        return summary
 
     def _candidates(self, worker: str) -> list[Unit]:
         """Pending units this worker may take: those that failed on it no more often than on any other
@@ -278,6 +291,7 @@ class LocalExecutor:
     done (it lets it finish); a second one (or any, with ``now``) stops the unit at once."""
 
     name = "local"
+    holds_signals = True  # while a unit runs (the driver leaves them alone)
 
     def __init__(self, folder: Path, make_pipeline: Callable, weights_dir: Path | None = None, now: bool = False):
         self.folder = folder

@@ -195,6 +195,9 @@ def build_train_parser() -> Parser:
                    help="precision of the frozen base weights (LoRA tensors are always fp32)")
     g.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the DiT blocks: "
                    "recompute activations in the backward pass (less memory, about one more forward pass of time)")
+    g.add_argument("--fused", action="store_true", help="GPUs: each DiT block as one compiled function with "
+                   "the backward pass written out block by block (faster for the small model's lora; less memory, "
+                   "like --checkpointing; its first use on a machine compiles kernels for minutes)")
     g.add_argument("--cache", type=Path, metavar="DIR", help="latent cache (default FOLDER/.sa3-cache)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
@@ -228,7 +231,7 @@ def train(argv: list[str]) -> int:
         mask_loss_weight=args.mask_loss_weight, inpaint_probs=args.inpaint_probs,
         silence_extension=args.silence_extension, ot_coupling=not args.no_ot_coupling,
         weight_decay=args.weight_decay, warmup_steps=args.warmup, clip_norm=args.clip,
-        base_precision=args.base_precision, checkpointing=args.checkpointing, trigger=args.trigger,
+        base_precision=args.base_precision, checkpointing=args.checkpointing, fused=args.fused, trigger=args.trigger,
         trigger_prob=args.trigger_prob, tag_keep=args.tag_keep,
         cache=str(args.cache) if args.cache else None, plot_every=args.plot_every)
     console = _Console(args.quiet)

@@ -232,10 +232,7 @@ class ContinuousTransformer(nn.Module):
         block's evaluation is then queued as soon as it is built (not under mx.compile),
         unless ``queue`` is False (e.g. gradient-checkpointed blocks inside a gradient).
         """
-        h = self.project_in(x)
-        memory = mx.broadcast_to(self.memory_tokens, (h.shape[0], *self.memory_tokens.shape))
-        h = mx.concatenate([memory, h], axis=1)
-        adaln = run_layers(self.global_cond_embedder, global_embed)
+        h, adaln = self.enter(x, global_embed)
         extras = () if value_mask is None else (value_mask,)
         previous = None
         for i, (kv, local_embed) in enumerate(zip(context_kv, local_embeds)):
@@ -251,6 +248,16 @@ class ContinuousTransformer(nn.Module):
             if previous is not None:
                 mx.eval(previous)
             previous = h
+        return self.leave(h)
+
+    def enter(self, x: mx.array, global_embed: mx.array) -> tuple[mx.array, mx.array]:
+        """What the blocks take: ``h`` [B, M + T, E] (memory tokens first) and the adaLN input [B, 6E]."""
+        h = self.project_in(x)
+        memory = mx.broadcast_to(self.memory_tokens, (h.shape[0], *self.memory_tokens.shape))
+        return mx.concatenate([memory, h], axis=1), run_layers(self.global_cond_embedder, global_embed)
+
+    def leave(self, h: mx.array) -> mx.array:
+        """The last block's ``h`` without the memory tokens, projected back to [B, T, C_io]."""
         return self.project_out(h[:, self.memory_tokens.shape[0]:])
 
 
@@ -311,12 +318,15 @@ class DiT(nn.Module):
         local_add_cond = local_add_cond.astype(dtype)
         local_embeds = [layer.to_local_embed(local_add_cond) for layer in self.transformer.layers]
         context_kv = [layer.cross_attn.context_keys_values(context, key_bias) for layer in self.transformer.layers]
-        value_mask = None
-        if padding_mask is not None:
-            valid = mx.array(padding_mask).astype(dtype)
-            memory = mx.ones((valid.shape[0], self.config.num_memory_tokens), dtype=dtype)
-            value_mask = mx.concatenate([memory, valid], axis=1)[:, None, :, None]
-        return DiTConditioning(context, context_kv, global_embed, local_embeds, value_mask)
+        return DiTConditioning(context, context_kv, global_embed, local_embeds, self.value_mask(padding_mask))
+
+    def value_mask(self, padding_mask: mx.array | None) -> mx.array | None:
+        """The self-attention value mask [B, 1, M + T, 1] of ``padding_mask`` [B, T] (see DiTConditioning)."""
+        if padding_mask is None:
+            return None
+        valid = mx.array(padding_mask).astype(self.dtype)
+        memory = mx.ones((valid.shape[0], self.config.num_memory_tokens), dtype=self.dtype)
+        return mx.concatenate([memory, valid], axis=1)[:, None, :, None]
 
     def step_activation_bytes(self, latents: int, batch: int = 1) -> int:
         """Estimated activations of one step evaluated as a single graph (all blocks' alive at once).
@@ -348,12 +358,18 @@ class DiT(nn.Module):
         once the next has run instead of holding the whole step's (for long clips; see
         :meth:`step_activation_bytes`). Not under mx.compile.
         """
+        h = self.transformer(self.preprocess(x), cond.context_kv, cond.global_embed + timestep_embed,
+                             cond.local_embeds, cond.value_mask, blocks, queue)
+        return self.postprocess(h)
+
+    def preprocess(self, x: mx.array) -> mx.array:
+        """``x`` [B, C_io, T] -> the transformer's input [B, T, C_io]."""
         x = x.astype(self.dtype).swapaxes(1, 2)
-        h = self.preprocess_conv(x) + x
-        h = self.transformer(h, cond.context_kv, cond.global_embed + timestep_embed, cond.local_embeds,
-                             cond.value_mask, blocks, queue)
-        out = self.postprocess_conv(h) + h
-        return out.swapaxes(1, 2)
+        return self.preprocess_conv(x) + x
+
+    def postprocess(self, h: mx.array) -> mx.array:
+        """The transformer's output [B, T, C_io] -> ``v`` [B, C_io, T]."""
+        return (self.postprocess_conv(h) + h).swapaxes(1, 2)
 
     def __call__(
         self,

@@ -275,6 +275,21 @@ class AdaptedLinear(nn.Module):
             + s * s * mx.sum(left * ((weighted.T @ right) @ left), axis=0)
         return rows, p["magnitude_c"] / (mx.sqrt(mx.maximum(sq_c, 0)) + EPS)
 
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    def prepare(self) -> None:
+        """Make the base-norm constants this adapter type reads now (they are made on first use otherwise)."""
+        kind = self._kind
+        if kind.startswith("dora-cols"):
+            self._col_sq()
+        elif kind.startswith(("dora-rows", "bora")):
+            self._row_sq()
+            if kind.startswith("bora"):
+                self._w0_sq()
+        mx.eval([a for a in (self._rows, self._cols, self._sq) if a is not None])
+
     def _w0_sq(self) -> mx.array:
         if self._sq is None:
             w0 = self._w0.astype(mx.float32)

@@ -28,6 +28,9 @@ class AdamW:
     clip_norm: float | None = None
     step: int = 0
     state: dict = field(default_factory=dict)  # flat name -> (m, v)
+    # One mx.compile'd update of every tensor (a few hundred fused kernels instead of ~26
+    # operations per tensor: a large part of a GPU step's host time); same values.
+    compiled: bool = False
 
     def lr_at(self, step: int) -> float:
         if self.warmup_steps > 0 and step <= self.warmup_steps:
@@ -40,24 +43,40 @@ class AdamW:
         k = self.step
         lr = self.lr_at(k)
         b1, b2 = self.betas
-        flat_p, flat_g = params, grads
-        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in flat_g.values()))
+        for name, p in params.items():
+            if name not in self.state:
+                self.state[name] = (mx.zeros_like(p), mx.zeros_like(p))
+        state = {n: self.state[n] for n in params}
+        # Per-step numbers as arrays: a compiled update is traced once, not once per learning rate.
+        numbers = mx.array([1 - lr * self.weight_decay, lr / (1 - b1**k), math.sqrt(1 - b2**k)], mx.float32)
+        run = self._compiled_update() if self.compiled else self._update
+        out, state, norm = run(params, grads, state, numbers)
+        self.state.update(state)
+        return out, norm
+
+    def _compiled_update(self):
+        if getattr(self, "_compiled_fn", None) is None:
+            self._compiled_fn = mx.compile(self._update)
+        return self._compiled_fn
+
+    def _update(self, params: dict, grads: dict, state: dict, numbers: mx.array):
+        b1, b2 = self.betas
+        decay, c1, c2 = numbers[0], numbers[1], numbers[2]
+        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in grads.values()))
         if self.clip_norm is not None:
             factor = mx.minimum(1.0, self.clip_norm / (norm + 1e-6))
-            flat_g = {n: g * factor for n, g in flat_g.items()}
-        c1 = lr / (1 - b1**k)
-        c2 = math.sqrt(1 - b2**k)
-        out = {}
-        for name, p in flat_p.items():
-            g = flat_g[name]
-            m, v = self.state.get(name, (mx.zeros_like(p), mx.zeros_like(p)))
-            p = p * (1 - lr * self.weight_decay)
+            grads = {n: g * factor for n, g in grads.items()}
+        out, new_state = {}, {}
+        for name, p in params.items():
+            g = grads[name]
+            m, v = state[name]
+            p = p * decay
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * mx.square(g)
             p = p - c1 * m / (mx.sqrt(v) / c2 + self.eps)
-            self.state[name] = (m, v)
+            new_state[name] = (m, v)
             out[name] = p
-        return out, norm
+        return out, new_state, norm
 
     def arrays(self) -> dict[str, mx.array]:
         """The state as flat arrays (``<name>.m``, ``<name>.v``)."""

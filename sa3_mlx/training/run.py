@@ -19,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..denoiser import compile_by_default
 from . import checkpoint, objective
 from .adapters import AdapterConfig, LoraParametrization
 from .data import Item, caption_text, encode_folder, silence_latent
@@ -62,6 +63,7 @@ class TrainConfig:
     clip_norm: float | None = None
     base_precision: str = "fp32"
     checkpointing: bool = False  # gradient checkpointing of the DiT blocks
+    fused: bool = False  # compiled blocks with a written-out backward pass (training/fused.py)
     trigger: str | None = None
     trigger_prob: float = 1.0
     tag_keep: float = 1.0  # probability of keeping each tag piece of a tag caption (a random subset per step)
@@ -142,12 +144,12 @@ class Trainer:
                                              (pattern,), None)).targets:
                 warn(f"--include {pattern!r} matches no module")
         self.step_fn = TrainStep(dit, conditioner, self.lora, mask_loss_weight=c.mask_loss_weight,
-                                 checkpointing=c.checkpointing)
+                                 checkpointing=c.checkpointing, fused=c.fused)
         encoder, tokenizer = self.model.load_text(mx.float32)
         self.text = PromptEncoder(encoder, tokenizer, self.model.text.max_length)
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.optimizer = AdamW(lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay,
-                               warmup_steps=c.warmup_steps, clip_norm=c.clip_norm)
+                               warmup_steps=c.warmup_steps, clip_norm=c.clip_norm, compiled=compile_by_default())
         self.params = self.lora.init_params(seed=c.seed)
         self.step, self.epoch, self.position = 0, 0, 0
         self.silence = silence_latent(c.data, self.model, c.cache).astype(np.float32)

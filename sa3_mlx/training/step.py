@@ -22,8 +22,11 @@ import mlx.nn as nn
 
 from .. import kernels
 from ..lora import SECONDS_KEY
-from ..models.layers import fourier_features
+from ..models.layers import fourier_features, run_layers
 from .adapters import PARAMS, AdaptedLinear, LoraParametrization, param_key
+from .fused import FusedBlocks
+
+_LAYERS = "model.transformer.layers."  # upstream's module paths of the DiT blocks
 from .objective import loss_masks, masked_mse, noised_and_target
 
 
@@ -60,12 +63,20 @@ class TrainStep:
     """
 
     def __init__(self, dit, conditioner, lora: LoraParametrization, mask_loss_weight: float = 0.0,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, fused: bool = False):
         self.dit, self.conditioner, self.lora = dit, conditioner, lora
         self.mask_loss_weight = float(mask_loss_weight)
-        # Gradient checkpointing: each block's activations are recomputed in the backward pass
-        # instead of kept (memory of one block instead of all; about one more forward of time).
-        self._blocks = [nn.utils.checkpoint(layer) for layer in dit.transformer.layers] if checkpointing else None
+        # fused: the blocks as compiled functions shared by every layer, the backward pass
+        # written out block by block (training/fused.py); it recomputes each block in the
+        # backward pass, as checkpointing does. Opt-in: on an H200 it took the small model's
+        # lora step from 161 to 121-140 ms, gave nothing for dora-rows or the medium model,
+        # and its first use on a machine compiles kernels for minutes (docs/performance.md).
+        # Gradient checkpointing: each block's activations are recomputed in the backward
+        # pass instead of kept (memory of one block instead of all; about one more forward).
+        self.fused = bool(fused)
+        self.checkpointing = bool(checkpointing) or self.fused
+        self._blocks = [nn.utils.checkpoint(layer) for layer in dit.transformer.layers] \
+            if checkpointing and not self.fused else None
         # The DiT's targeted Linear / Conv1d modules become factored adapters over their frozen base.
         self._adapted: dict[str, AdaptedLinear] = {}
         config = lora.config
@@ -80,8 +91,10 @@ class TrainStep:
                 parent[int(name)] = new
             else:
                 setattr(parent, name, new)
+            new.module_path = t.module  # upstream path: the saved names of its tensors
             self._adapted[t.module] = new
         self._seconds = next((t for t in lora.targets if t.key == SECONDS_KEY), None)
+        self._fused = FusedBlocks(dit.transformer.layers) if self.fused else None
         self._grad = mx.value_and_grad(self._loss)
 
     def set_weights(self, params) -> None:
@@ -141,4 +154,61 @@ class TrainStep:
     def loss_and_grad(self, params, batch: Batch):
         """``(loss, grads)`` with the grads in the layout of ``params``."""
         with kernels.use("mlx"):
+            if self._fused is not None:
+                return self._fused_loss_and_grad(params, batch)
             return self._grad(params, batch)
+
+    def _fused_loss_and_grad(self, params, batch: Batch):
+        """The same loss and gradients, the backward pass written out block by block: the
+        part before the blocks (conditioning, embeddings) and the part after (projection,
+        loss) through ``mx.vjp``; each block through :class:`FusedBlocks` (compiled, which
+        ``mx.compile`` cannot do inside ``mx.value_and_grad``)."""
+        dit, fused = self.dit, self._fused
+        layer_keys = {param_key(t.module, p) for t in self.lora.targets if t.module.startswith(_LAYERS)
+                      for p in PARAMS[self.lora.config.adapter_type]}
+        outer = [k for k in params if k not in layer_keys]
+        self.set_weights(params)
+        trainable = [fused.adapters(i) for i in range(len(fused.blocks))]
+        dtype = dit.dtype
+        mask = batch.inpaint_mask.astype(mx.float32)
+        local = mx.concatenate([mask[:, None, :], batch.x0 * mask[:, None, :]], axis=1)  # [B, 1 + C, T]
+        constant = [local.swapaxes(1, 2).astype(dtype)]
+        if (value_mask := dit.value_mask(batch.padding_mask)) is not None:
+            constant.append(value_mask)
+        noised, target = noised_and_target(batch.x0, batch.noise, batch.t)
+        features = batch.timestep_features if batch.timestep_features is not None else dit.timestep_features(batch.t)
+
+        def before(*values):
+            self.set_weights({**params, **dict(zip(outer, values))})
+            c = self.conditioning(batch)
+            context = run_layers(dit.to_cond_embed, c["cross_attn_cond_used"].astype(dtype))
+            global_embed = run_layers(dit.to_global_embed, c["global_cond"].astype(dtype))
+            h, adaln = dit.transformer.enter(dit.preprocess(noised), global_embed + dit.embed_timestep(features))
+            return [h, context, adaln]
+
+        def after(h, *values):
+            self.set_weights({**params, **dict(zip(outer, values))})
+            v = dit.postprocess(dit.transformer.leave(h)).astype(mx.float32)
+            signal_mask, context_mask = loss_masks(batch.padding_mask.astype(mx.float32), mask)
+            loss = masked_mse(v, target, signal_mask)
+            if self.mask_loss_weight > 0:
+                loss = loss + self.mask_loss_weight * masked_mse(v, target, context_mask)
+            return [loss]
+
+        values = [params[k] for k in outer]
+        h, context, adaln = before(*values)
+        hs = [h]
+        for i in range(len(fused.blocks)):
+            hs.append(fused.forward(i, trainable[i], hs[-1], context, adaln, constant))
+        (loss,), (dh, *outer_grads) = mx.vjp(after, [hs[-1], *values], [mx.array(1.0, mx.float32)])
+        dcontext = dadaln = None
+        grads = {}
+        for i in reversed(range(len(fused.blocks))):
+            block_grads, dh, dc, da = fused.backward(i, trainable[i], hs[i], context, adaln, constant, dh)
+            dcontext = dc if dcontext is None else dcontext + dc
+            dadaln = da if dadaln is None else dadaln + da
+            grads.update(zip(fused.names(i), block_grads))
+        _, before_grads = mx.vjp(before, values, [dh, dcontext, dadaln])
+        self.set_weights(params)
+        grads.update((k, a + b) for k, a, b in zip(outer, outer_grads, before_grads))
+        return loss, {k: grads[k] for k in params}
