@@ -343,7 +343,7 @@ def train_main(args) -> int:
     crops = [int(c) for c in args.crops.split(",") if c.strip()]
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
     steps = args.repeat if args.repeat is not None else (10 if on_gpu else 2)
-    warmup = args.warmup if args.warmup is not None else (2 if on_gpu else 1)
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)  # GPU: the first steps of a process run slow
     hw = hardware()
     console = Console(stderr=args.json, highlight=False)
     console.print(f"[dim]{' | '.join(f'{k} {v}' for k, v in hw.items())}[/dim]")

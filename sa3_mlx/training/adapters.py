@@ -222,6 +222,86 @@ def param_key(module: str, param: str) -> str:
     return f"{module}{lora_io.KEY_MARK}0.{param}"
 
 
+def factored_scales(kind: str, s: float, p: Mapping[str, mx.array], left: mx.array, right: mx.array, w0: mx.array,
+                    constants: Mapping[str, mx.array]) -> tuple[mx.array | None, mx.array | None]:
+    """Row / column scales of a scaled adapter type from the norms of ``V = W0 + s R L``, without forming ``V``:
+    ``||V_i||^2 = ||W0_i||^2 + 2 s <R_i, (W0 L^T)_i> + s^2 R_i (L L^T) R_i^T`` (rows), the same with the roles
+    of ``L`` and ``R`` exchanged for columns, and for bora's columns of ``diag(r) V`` with ``R`` weighted by
+    ``r^2``. Works on one module (``L [r, in]``, ``R [out, r]``, ``W0 [out, in]``) or on a stack of them
+    (a leading axis on every array: :class:`StackedAdapters`). ``constants``: the base's squared row norms
+    (``row_sq``), column norms (``col_sq``) and, for bora, ``w0_sq`` (``W0**2``)."""
+    if kind in ("lora", "lora-xs"):
+        return None, None
+    T = (lambda a: a.swapaxes(-1, -2))  # noqa: E731
+    w0 = w0.astype(mx.float32)
+    if kind.startswith("dora-cols"):
+        sq = constants["col_sq"] + 2 * s * mx.sum(left * (T(right) @ w0), axis=-2) \
+            + s * s * mx.sum(left * ((T(right) @ right) @ left), axis=-2)
+        return None, p["magnitude"] / (mx.sqrt(mx.maximum(sq, 0)) + EPS)
+    sq = constants["row_sq"] + 2 * s * mx.sum(right * (w0 @ T(left)), axis=-1) \
+        + s * s * mx.sum((right @ (left @ T(left))) * right, axis=-1)
+    norm = mx.sqrt(mx.maximum(sq, 0))
+    if kind.startswith("dora-rows"):
+        return p["magnitude"] / (norm + EPS), None
+    rows = p["magnitude_r"] / (norm + EPS)
+    r2 = rows * rows
+    weighted = right * mx.expand_dims(r2, -1)
+    sq_c = (mx.expand_dims(r2, -2) @ constants["w0_sq"]).squeeze(-2) + 2 * s * mx.sum(left * (T(weighted) @ w0), axis=-2) \
+        + s * s * mx.sum(left * ((T(weighted) @ right) @ left), axis=-2)
+    return rows, p["magnitude_c"] / (mx.sqrt(mx.maximum(sq_c, 0)) + EPS)
+
+
+class StackedAdapters:
+    """Several adapted modules of one type and shape (the same module of every DiT block), their per-step
+    work done as batched operations: the DoRA / BoRA scales (a few products instead of a few dozen
+    operations per module) and the factors in the activations' dtype, transposed and scaled, which each
+    module then takes as they are. A GPU step is bound by the number of operations (docs/performance.md).
+    The modules' frozen bases become views of one stacked array (no second copy). :meth:`assign` runs on
+    each step, after the adapter tensors are set."""
+
+    def __init__(self, layers: list["AdaptedLinear"]):
+        self.layers = layers
+        first = layers[0]
+        self.kind, self.scale = first.kind, first._scale
+        self.w0 = mx.stack([layer._w0 for layer in layers])
+        self.constants = {k: mx.stack([layer._constants()[k] for layer in layers]) for k in first._constants()}
+        self.bases = None
+        if first._bases is not None:
+            self.bases = (mx.stack([layer._bases[0] for layer in layers]), mx.stack([layer._bases[1] for layer in layers]))
+        mx.eval(self.w0, self.constants, self.bases)
+        # Views of the stack: split + squeeze share its buffer (an integer index copies).
+        view = (lambda a: [x.squeeze(0) for x in mx.split(a, len(layers), axis=0)])  # noqa: E731
+        for layer, w0 in zip(layers, view(self.w0)):
+            layer._w0 = w0
+        if self.bases is not None:
+            for layer, u, v in zip(layers, view(self.bases[0]), view(self.bases[1])):
+                layer._bases = (u, v)
+        mx.eval([layer._w0 for layer in layers])
+
+    def assign(self) -> None:
+        n, dtype = len(self.layers), self.w0.dtype  # the DiT computes in its weights' dtype
+        # concatenate + reshape, split + squeeze: one operation each way where stack / indexing make n
+        p = {}
+        for name in PARAMS[self.kind]:
+            parts = [layer.adapter[name] for layer in self.layers]
+            p[name] = mx.concatenate(parts, axis=0).reshape(n, *parts[0].shape)
+        if self.bases is not None:  # -xs: L = V^T, R = U M
+            u, v = self.bases
+            left, right = v.swapaxes(-1, -2), u @ p["M_xs"]
+        else:
+            left, right = p["lora_A"], p["lora_B"]
+        given = {"lt": left.swapaxes(-1, -2).astype(dtype), "rt": (self.scale * right).swapaxes(-1, -2).astype(dtype)}
+        rows, cols = factored_scales(self.kind, self.scale, p, left, right, self.w0, self.constants)
+        if rows is not None:
+            given["rows"] = rows.astype(dtype)
+        if cols is not None:
+            given["cols"] = cols.astype(dtype)
+        # Each module's part keeps the leading axis of 1, which its products and scalings broadcast over.
+        parts = {k: mx.split(v, n, axis=0) for k, v in given.items()}
+        for i, layer in enumerate(self.layers):
+            layer.given = {k: v[i] for k, v in parts.items()}
+
+
 class AdaptedLinear(nn.Module):
     """A Linear (or 1x1 Conv1d over ``[B, T, C]``) with a LoRA parametrization, in factored form.
 
@@ -242,6 +322,10 @@ class AdaptedLinear(nn.Module):
         self._shape, self._bases = tuple(shape), bases
         self._sq = self._rows = self._cols = None  # squared base norms (constants, made on first use)
         self.adapter: dict[str, mx.array] = {}
+        # This step's factors and scales when a StackedAdapters makes them ("lt" = L^T, "rt" = s R^T, "rows",
+        # "cols", in the activations' dtype); a parameter (not private), so that gradient checkpointing
+        # passes them to the block as inputs.
+        self.given: dict[str, mx.array] = {}
 
     def _factors(self) -> tuple[mx.array, mx.array]:
         p = self.adapter
@@ -251,29 +335,20 @@ class AdaptedLinear(nn.Module):
         return p["lora_A"], p["lora_B"]
 
     def _scales(self, left: mx.array, right: mx.array) -> tuple[mx.array | None, mx.array | None]:
-        """Row / column scales from the norms of ``V = W0 + s R L``, without forming ``V``:
-        ``||V_i||^2 = ||W0_i||^2 + 2 s <R_i, (W0 L^T)_i> + s^2 R_i (L L^T) R_i^T`` (rows), the same
-        with the roles of ``L`` and ``R`` exchanged for columns, and for bora's columns of
-        ``diag(r) V`` with ``R`` weighted by ``r^2``."""
-        kind, p, s = self._kind, self.adapter, self._scale
-        if kind in ("lora", "lora-xs"):
+        """Row / column scales from the norms of ``V = W0 + s R L`` (see :func:`factored_scales`)."""
+        if self._kind in ("lora", "lora-xs"):
             return None, None
-        w0 = self._w0.astype(mx.float32)
+        return factored_scales(self._kind, self._scale, self.adapter, left, right, self._w0, self._constants())
+
+    def _constants(self) -> dict:
+        kind = self._kind
+        if kind in ("lora", "lora-xs"):
+            return {}
         if kind.startswith("dora-cols"):
-            sq = self._col_sq() + 2 * s * mx.sum(left * (right.T @ w0), axis=0) \
-                + s * s * mx.sum(left * ((right.T @ right) @ left), axis=0)
-            return None, p["magnitude"] / (mx.sqrt(mx.maximum(sq, 0)) + EPS)
-        sq = self._row_sq() + 2 * s * mx.sum(right * (w0 @ left.T), axis=1) \
-            + s * s * mx.sum((right @ (left @ left.T)) * right, axis=1)
-        norm = mx.sqrt(mx.maximum(sq, 0))
+            return {"col_sq": self._col_sq()}
         if kind.startswith("dora-rows"):
-            return p["magnitude"] / (norm + EPS), None
-        rows = p["magnitude_r"] / (norm + EPS)
-        r2 = rows * rows
-        weighted = right * r2[:, None]
-        sq_c = r2 @ self._w0_sq() + 2 * s * mx.sum(left * (weighted.T @ w0), axis=0) \
-            + s * s * mx.sum(left * ((weighted.T @ right) @ left), axis=0)
-        return rows, p["magnitude_c"] / (mx.sqrt(mx.maximum(sq_c, 0)) + EPS)
+            return {"row_sq": self._row_sq()}
+        return {"row_sq": self._row_sq(), "w0_sq": self._w0_sq()}
 
     @property
     def kind(self) -> str:
@@ -307,14 +382,25 @@ class AdaptedLinear(nn.Module):
         return self._cols
 
     def __call__(self, x: mx.array) -> mx.array:
-        left, right = self._factors()
-        rows, cols = self._scales(left, right)
         dtype = x.dtype
+        given = self.given
+        if given:
+            rows, cols = given.get("rows"), given.get("cols")
+        else:
+            left, right = self._factors()
+            rows, cols = self._scales(left, right)
         if cols is not None:
-            x = x * cols.astype(dtype)
-        y = x @ self._w0.T + self._scale * ((x @ left.astype(dtype).T) @ right.astype(dtype).T)
+            x = x * (cols if cols.dtype == dtype else cols.astype(dtype))
+        if given:
+            lt, rt = given["lt"], given["rt"]
+            if lt.dtype != dtype:
+                lt, rt = lt.astype(dtype), rt.astype(dtype)
+            low = (x @ lt) @ rt
+        else:
+            low = self._scale * ((x @ left.astype(dtype).T) @ right.astype(dtype).T)
+        y = x @ self._w0.T + low
         if rows is not None:
-            y = y * rows.astype(dtype)
+            y = y * (rows if rows.dtype == dtype else rows.astype(dtype))
         return y if self._bias is None else y + self._bias
 
     @property

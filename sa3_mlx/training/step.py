@@ -23,7 +23,7 @@ import mlx.nn as nn
 from .. import kernels
 from ..lora import SECONDS_KEY
 from ..models.layers import fourier_features, run_layers
-from .adapters import PARAMS, AdaptedLinear, LoraParametrization, param_key
+from .adapters import PARAMS, AdaptedLinear, LoraParametrization, StackedAdapters, param_key
 from .fused import FusedBlocks
 
 _LAYERS = "model.transformer.layers."  # upstream's module paths of the DiT blocks
@@ -94,13 +94,35 @@ class TrainStep:
             new.module_path = t.module  # upstream path: the saved names of its tensors
             self._adapted[t.module] = new
         self._seconds = next((t for t in lora.targets if t.key == SECONDS_KEY), None)
+        self._stacks = [] if self.fused else self._stacked_adapters()
         self._fused = FusedBlocks(dit.transformer.layers) if self.fused else None
         self._grad = mx.value_and_grad(self._loss)
+
+    def _stacked_adapters(self) -> list[StackedAdapters]:
+        """Each module kind's adapters over the blocks, their per-step work batched (same values)."""
+        groups: dict[tuple, list] = {}
+        for module, layer in self._adapted.items():
+            if module.startswith(_LAYERS):
+                kind = module[len(_LAYERS):].split(".", 1)[1]
+                groups.setdefault((kind, tuple(layer._w0.shape)), []).append(module)
+        stacks = []
+        targets = {t.module: t for t in self.lora.targets}
+        for modules in groups.values():
+            if len(modules) < 2:
+                continue
+            stacks.append(StackedAdapters([self._adapted[m] for m in modules]))
+            for m in modules:  # the targets' bases are the same views (one copy of the weights)
+                targets[m].w0 = self._adapted[m]._w0
+                if targets[m].bases is not None:
+                    targets[m].bases = self._adapted[m]._bases
+        return stacks
 
     def set_weights(self, params) -> None:
         kind = self.lora.config.adapter_type
         for module, layer in self._adapted.items():
             layer.adapter = {p: params[param_key(module, p)] for p in PARAMS[kind]}
+        for stack in self._stacks:
+            stack.assign()
         if self._seconds is not None:
             t = self._seconds
             mine = {p: params[param_key(t.module, p)] for p in PARAMS[kind]}
