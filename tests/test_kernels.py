@@ -464,3 +464,23 @@ def test_the_cpu_layout_is_applied_while_loading_with_the_same_values(golden):
     before = laid_out.transformer.layers[0].ff.ff[2].weight
     kernels.by_name("cpu").prepare(laid_out)
     assert laid_out.transformer.layers[0].ff.ff[2].weight is before
+
+
+def test_the_numpy_workers_use_one_blas_thread_also_when_another_thread_calls_them():
+    """A generation outside the main thread (a studio job, a batch worker): OpenBLAS's usual setter does
+    nothing from there, so split uses the one that does; the count is restored after."""
+    workers = cpu_kernels.Workers.shared()
+    if workers.count < 2:
+        pytest.skip("numpy shares MLX's BLAS, or there is one core")
+    before, seen = workers.blas.num_threads, []
+
+    def call():
+        workers.split(workers.count, lambda part: seen.append(workers.blas.num_threads))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    caller.join()
+    if workers.any_thread_blas is None:
+        pytest.skip("this OpenBLAS has no openblas_set_num_threads_local")
+    assert seen and set(seen) == {1}, seen
+    assert workers.blas.num_threads == before

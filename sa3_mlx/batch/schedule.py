@@ -286,9 +286,8 @@ class Driver:
 
 class LocalExecutor:
     """One worker: this process, its models loaded once (``sa3 batch`` without ``--ray``). A unit runs in
-    the main thread (in another thread the same sampling took 13.2 s instead of 9.0 s, sm-music 10 s on the
-    dev box), with Ctrl-C and SIGTERM held back while it runs: the driver hears of them when the unit is
-    done (it lets it finish); a second one (or any, with ``now``) stops the unit at once."""
+    the main thread, with Ctrl-C and SIGTERM held back while it runs: the driver hears of them when the unit
+    is done (it lets it finish); a second one (or any, with ``now``) stops the unit at once."""
 
     name = "local"
     holds_signals = True  # while a unit runs (the driver leaves them alone)
