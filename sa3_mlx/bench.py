@@ -47,6 +47,37 @@ def bit_widths(text: str) -> list[int]:
     return [int(w) for w in dict.fromkeys(words)]
 
 
+COMPILE_MODES = {"auto": (False, None), "fused": (True, True), "adamw": (False, True), "off": (False, False)}
+
+
+def compile_modes(text: str) -> list[tuple[bool, bool | None]]:
+    """``--fused fused,adamw,off`` -> (fused blocks, compiled AdamW; None = the device's default) per mode;
+    anything else is a UsageError (one line)."""
+    from .arguments import UsageError
+
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in words if w not in COMPILE_MODES]
+    if not words or bad:
+        raise UsageError(f"--fused {text!r}: a comma-separated list of {', '.join(COMPILE_MODES)}")
+    return [COMPILE_MODES[w] for w in words]
+
+
+def _runs_per_cell(args, gpu_repeat: int) -> tuple[int, int]:
+    """``(warmup, repeat)``: the flags, else one untimed run and ``gpu_repeat`` timed ones on GPUs
+    (the first run compiles kernels), none and one on the CPU."""
+    import mlx.core as mx
+
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    warmup = args.warmup if args.warmup is not None else (1 if on_gpu else 0)
+    repeat = args.repeat if args.repeat is not None else (gpu_repeat if on_gpu else 1)
+    return warmup, repeat
+
+
+def _median_run(runs: list[tuple[float, object]]) -> tuple[float, object]:
+    """The ``(wall seconds, result)`` with the median wall time."""
+    return sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+
+
 def _quantization(bits: int | None, group_size: int | None):
     from .quantize import spec
 
@@ -90,8 +121,7 @@ def run_cell(model: str, seconds: float, steps: int, random_weights: bool, weigh
         t0 = time.perf_counter()
         result = pipe.generate(prompt, seconds=seconds, steps=steps, seed=1 + i)
         runs.append((time.perf_counter() - t0, result))
-    runs.sort(key=lambda run: run[0])
-    wall, result = runs[len(runs) // 2]
+    wall, result = _median_run(runs)
     stages = {s.name: s for s in result.stages}
     sampling = stages[SAMPLING].seconds
     return dict(
@@ -119,26 +149,21 @@ def _run_memory_cell(model, seconds, steps, random_weights, weights_dir, dit_dty
         pipe = Pipeline(model, weights_dir=weights_dir, dit_dtype=dtype, codec_dtype=codec_dt, progress=False,
                         quantize=q)
         pipe.fetch()
-    # GPUs: the first run compiles kernels. Peaks are the largest of every run's (a later run
-    # finds the prompt's embedding cached and loads no text encoder).
+    # GPUs: the first ``warmup`` runs compile kernels and are not timed. Peaks are the largest of every
+    # run's, those included (a later run finds the prompt's embedding cached and loads no text encoder).
     peaks: dict[str, int] = {}
-    for _ in range(warmup):
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        warm = pipe.generate(BENCH_PROMPT, seconds=seconds, steps=steps, seed=0, free_models=True)
-        for st in warm.stages:
-            peaks[st.name] = max(peaks.get(st.name, 0), st.peak_bytes)
     runs = []
-    for i in range(repeat):  # the run with the median wall time is reported
+    for i in range(warmup + repeat):
         mx.clear_cache()
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        result = pipe.generate(BENCH_PROMPT, seconds=seconds, steps=steps, seed=1 + i, free_models=True)
-        runs.append((time.perf_counter() - t0, result))
+        seed = 0 if i < warmup else 1 + i - warmup
+        result = pipe.generate(BENCH_PROMPT, seconds=seconds, steps=steps, seed=seed, free_models=True)
+        if i >= warmup:
+            runs.append((time.perf_counter() - t0, result))
         for st in result.stages:
             peaks[st.name] = max(peaks.get(st.name, 0), st.peak_bytes)
-    runs.sort(key=lambda run: run[0])
-    wall, result = runs[len(runs) // 2]
+    wall, result = _median_run(runs)
     stages = {s.name: s for s in result.stages}
     return dict(
         model=model, seconds=seconds, steps=steps, bits=bits, quantization=None if q is None else str(q),
@@ -337,6 +362,7 @@ def train_main(args) -> int:
     from .runtime import configure_process
     from .training.bench import bench_step
 
+    fused_modes = compile_modes(args.fused)
     configure_process()
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -348,10 +374,6 @@ def train_main(args) -> int:
     console = Console(stderr=args.json, highlight=False)
     console.print(f"[dim]{' | '.join(f'{k} {v}' for k, v in hw.items())}[/dim]")
     results = []
-    # (fused blocks, compiled AdamW); None: the default of the device
-    modes = {"auto": (False, None), "fused": (True, True), "on": (True, True), "off": (False, False),
-             "adamw": (False, True)}
-    fused_modes = [modes[m.strip()] for m in args.fused.split(",") if m.strip()]
     for model in models:
         for adapter in adapters:
             for crop in crops:
@@ -412,14 +434,9 @@ def quantize_main(args) -> int:
 
     from .pipeline import DECODING, LOAD_DECODER, LOAD_DIT, LOAD_TEXT, SAMPLING, TEXT_ENCODING
 
-    import mlx.core as mx
-
     widths = bit_widths(args.quantize)
     console, hw = _header(args)
-    # Warm runs on GPUs (the first one compiles kernels; the quantized matmuls are other kernels).
-    on_gpu = mx.default_device().type == mx.DeviceType.gpu
-    warmup = args.warmup if args.warmup is not None else (1 if on_gpu else 0)
-    repeat = args.repeat if args.repeat is not None else (3 if on_gpu else 1)
+    warmup, repeat = _runs_per_cell(args, gpu_repeat=3)
     results = []
     for model, seconds in _cells(args):
         for bits in widths:
@@ -552,11 +569,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(run_cell(**spec)))
         return 0
 
-    import mlx.core as mx
-
-    on_gpu = mx.default_device().type == mx.DeviceType.gpu
-    warmup = args.warmup if args.warmup is not None else (1 if on_gpu else 0)
-    repeat = args.repeat if args.repeat is not None else (5 if on_gpu else 1)
+    warmup, repeat = _runs_per_cell(args, gpu_repeat=5)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     lengths = [float(s) for s in args.seconds.split(",") if s.strip()]
     cells = [(m, s) for m in models for s in lengths if s < 300 or m == LONG_ONLY_FOR or len(lengths) == 1]

@@ -516,21 +516,20 @@ class Workers:
         if parts <= 1:
             work(slice(0, n))
             return
-        if self.any_thread_blas is not None:
-            previous = self.any_thread_blas(1)
-            try:
-                for job in [self.pool.submit(work, part) for part in bounds]:
-                    job.result()
-            finally:
-                self.any_thread_blas(previous)
-            return
-        previous = self.blas.num_threads
-        self.blas.set_num_threads(1)
+        previous = self._set_blas_threads(1)
         try:
             for job in [self.pool.submit(work, part) for part in bounds]:
                 job.result()
         finally:
-            self.blas.set_num_threads(previous)
+            self._set_blas_threads(previous)
+
+    def _set_blas_threads(self, count: int) -> int:
+        """Set numpy's BLAS thread count for the process; the count before."""
+        if self.any_thread_blas is not None:
+            return self.any_thread_blas(count)
+        previous = self.blas.num_threads
+        self.blas.set_num_threads(count)
+        return previous
 
 
 def _any_thread_blas_setter(blas):

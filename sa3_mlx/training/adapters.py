@@ -336,8 +336,6 @@ class AdaptedLinear(nn.Module):
 
     def _scales(self, left: mx.array, right: mx.array) -> tuple[mx.array | None, mx.array | None]:
         """Row / column scales from the norms of ``V = W0 + s R L`` (see :func:`factored_scales`)."""
-        if self._kind in ("lora", "lora-xs"):
-            return None, None
         return factored_scales(self._kind, self._scale, self.adapter, left, right, self._w0, self._constants())
 
     def _constants(self) -> dict:
@@ -356,14 +354,7 @@ class AdaptedLinear(nn.Module):
 
     def prepare(self) -> None:
         """Make the base-norm constants this adapter type reads now (they are made on first use otherwise)."""
-        kind = self._kind
-        if kind.startswith("dora-cols"):
-            self._col_sq()
-        elif kind.startswith(("dora-rows", "bora")):
-            self._row_sq()
-            if kind.startswith("bora"):
-                self._w0_sq()
-        mx.eval([a for a in (self._rows, self._cols, self._sq) if a is not None])
+        mx.eval(list(self._constants().values()))
 
     def _w0_sq(self) -> mx.array:
         if self._sq is None:

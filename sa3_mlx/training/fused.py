@@ -74,8 +74,9 @@ def _set(slot, value: mx.array) -> None:
 
 class FusedBlocks:
     """Every block of a DiT as ``(h, context, adaln, local_cond, *value_mask) -> h`` (forward) and
-    its vjp, each compiled and traced once per kind of layer. Layers built alike (the same adapters on the same modules: all of them,
-    unless an include/exclude filter picks modules of some layers only) share one trace.
+    its vjp, each compiled and traced once per kind of layer. Layers built alike (the same adapters
+    on the same modules: all of them, unless an include/exclude filter picks modules of some layers
+    only) share one trace.
     """
 
     def __init__(self, layers: list[nn.Module]):
@@ -84,7 +85,7 @@ class FusedBlocks:
         for layer in layers:
             frozen, trainable, signature = _slots(layer)
             if signature not in shared:
-                shared[signature] = _SharedBlock(layer)
+                shared[signature] = _SharedBlock(layer, frozen, trainable)
             self.blocks.append((shared[signature], [_get(s) for s in frozen], trainable))
         self.traces = len(shared)
 
@@ -111,9 +112,10 @@ class FusedBlocks:
 class _SharedBlock:
     """One block's function, traced on a template layer with every array an input."""
 
-    def __init__(self, template: nn.Module):
+    def __init__(self, template: nn.Module, frozen_slots: list, trainable_slots: list):
+        """``*_slots``: the template's, from :func:`_slots`."""
         self.template = template
-        self._frozen_slots, self._trainable_slots, _ = _slots(template)
+        self._frozen_slots, self._trainable_slots = frozen_slots, trainable_slots
         self.forward = mx.compile(self._traced)
         self.backward = mx.compile(self._traced_vjp)
 

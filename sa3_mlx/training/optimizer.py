@@ -10,6 +10,7 @@ Optional: gradient clipping by the global norm, linear warm-up of the learning r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -31,6 +32,7 @@ class AdamW:
     # One mx.compile'd update of every tensor (a few hundred fused kernels instead of ~26
     # operations per tensor: a large part of a GPU step's host time); same values.
     compiled: bool = False
+    _compiled_update: Callable | None = field(default=None, init=False, repr=False)
 
     def lr_at(self, step: int) -> float:
         if self.warmup_steps > 0 and step <= self.warmup_steps:
@@ -49,15 +51,14 @@ class AdamW:
         state = {n: self.state[n] for n in params}
         # Per-step numbers as arrays: a compiled update is traced once, not once per learning rate.
         numbers = mx.array([1 - lr * self.weight_decay, lr / (1 - b1**k), math.sqrt(1 - b2**k)], mx.float32)
-        run = self._compiled_update() if self.compiled else self._update
+        run = self._update
+        if self.compiled:
+            if self._compiled_update is None:
+                self._compiled_update = mx.compile(self._update)
+            run = self._compiled_update
         out, state, norm = run(params, grads, state, numbers)
         self.state.update(state)
         return out, norm
-
-    def _compiled_update(self):
-        if getattr(self, "_compiled_fn", None) is None:
-            self._compiled_fn = mx.compile(self._update)
-        return self._compiled_fn
 
     def _update(self, params: dict, grads: dict, state: dict, numbers: mx.array):
         b1, b2 = self.betas

@@ -25,9 +25,9 @@ from ..lora import SECONDS_KEY
 from ..models.layers import fourier_features, run_layers
 from .adapters import PARAMS, AdaptedLinear, LoraParametrization, StackedAdapters, param_key
 from .fused import FusedBlocks
+from .objective import loss_masks, masked_mse, noised_and_target
 
 _LAYERS = "model.transformer.layers."  # upstream's module paths of the DiT blocks
-from .objective import loss_masks, masked_mse, noised_and_target
 
 
 @dataclass
@@ -74,7 +74,6 @@ class TrainStep:
         # Gradient checkpointing: each block's activations are recomputed in the backward
         # pass instead of kept (memory of one block instead of all; about one more forward).
         self.fused = bool(fused)
-        self.checkpointing = bool(checkpointing) or self.fused
         self._blocks = [nn.utils.checkpoint(layer) for layer in dit.transformer.layers] \
             if checkpointing and not self.fused else None
         # The DiT's targeted Linear / Conv1d modules become factored adapters over their frozen base.
@@ -148,27 +147,40 @@ class TrainStep:
         return {"seconds_embed": seconds_embed, "prompt_embeds_padded": padded, "cross_attn_cond": cross,
                 "cross_attn_cond_used": used, "global_cond": seconds_embed[:, 0]}
 
+    def inputs(self, batch: Batch) -> dict[str, mx.array]:
+        """What the DiT takes besides the conditioning: the local conditioning ``[inpaint_mask, x0 *
+        inpaint_mask]`` [B, 1 + C, T], the noised latents, the target and the timestep features."""
+        mask = batch.inpaint_mask.astype(mx.float32)
+        noised, target = noised_and_target(batch.x0, batch.noise, batch.t)
+        features = batch.timestep_features if batch.timestep_features is not None else \
+            self.dit.timestep_features(batch.t)
+        return {"local_add_cond": mx.concatenate([mask[:, None, :], batch.x0 * mask[:, None, :]], axis=1),
+                "noised": noised, "target": target, "timestep_features": features}
+
+    def objective(self, v: mx.array, target: mx.array, batch: Batch) -> dict[str, mx.array]:
+        """The signal-only masked MSE, plus the context loss with ``mask_loss_weight``."""
+        signal_mask, context_mask = loss_masks(batch.padding_mask.astype(mx.float32),
+                                               batch.inpaint_mask.astype(mx.float32))
+        signal = masked_mse(v, target, signal_mask)
+        loss = signal
+        if self.mask_loss_weight > 0:
+            loss = loss + self.mask_loss_weight * masked_mse(v, target, context_mask)
+        return {"loss_mask": signal_mask, "signal_loss": signal, "loss": loss}
+
     def forward(self, params, batch: Batch) -> dict[str, mx.array]:
         """Every intermediate of the step (the model output ``v`` included), for checking."""
         with kernels.use("mlx"):  # plain MLX ops: the CPU numpy paths are not differentiable
             self.set_weights(params)
             c = self.conditioning(batch)
-            mask = batch.inpaint_mask.astype(mx.float32)
-            local = mx.concatenate([mask[:, None, :], batch.x0 * mask[:, None, :]], axis=1)  # [B, 1 + C, T]
-            noised, target = noised_and_target(batch.x0, batch.noise, batch.t)
-            features = batch.timestep_features if batch.timestep_features is not None else \
-                self.dit.timestep_features(batch.t)
-            conditioning = self.dit.condition(c["cross_attn_cond_used"], c["global_cond"], local.swapaxes(1, 2),
-                                              batch.padding_mask, merge_repeats=False)
-            v = self.dit.predict(noised, self.dit.embed_timestep(features), conditioning, blocks=self._blocks,
-                                 queue=False).astype(mx.float32)
-            signal_mask, context_mask = loss_masks(batch.padding_mask.astype(mx.float32), mask)
-            signal = masked_mse(v, target, signal_mask)
-            loss = signal
-            if self.mask_loss_weight > 0:
-                loss = loss + self.mask_loss_weight * masked_mse(v, target, context_mask)
-        return {**c, "local_add_cond": local, "noised": noised, "target": target, "v": v, "loss_mask": signal_mask,
-                "signal_loss": signal, "loss": loss}
+            x = self.inputs(batch)
+            conditioning = self.dit.condition(c["cross_attn_cond_used"], c["global_cond"],
+                                              x["local_add_cond"].swapaxes(1, 2), batch.padding_mask,
+                                              merge_repeats=False)
+            v = self.dit.predict(x["noised"], self.dit.embed_timestep(x["timestep_features"]), conditioning,
+                                 blocks=self._blocks, queue=False).astype(mx.float32)
+            out = self.objective(v, x["target"], batch)
+        return {**c, "local_add_cond": x["local_add_cond"], "noised": x["noised"], "target": x["target"], "v": v,
+                **out}
 
     def _loss(self, params, batch: Batch):
         return self.forward(params, batch)["loss"]
@@ -192,30 +204,24 @@ class TrainStep:
         self.set_weights(params)
         trainable = [fused.adapters(i) for i in range(len(fused.blocks))]
         dtype = dit.dtype
-        mask = batch.inpaint_mask.astype(mx.float32)
-        local = mx.concatenate([mask[:, None, :], batch.x0 * mask[:, None, :]], axis=1)  # [B, 1 + C, T]
-        constant = [local.swapaxes(1, 2).astype(dtype)]
+        x = self.inputs(batch)
+        constant = [x["local_add_cond"].swapaxes(1, 2).astype(dtype)]
         if (value_mask := dit.value_mask(batch.padding_mask)) is not None:
             constant.append(value_mask)
-        noised, target = noised_and_target(batch.x0, batch.noise, batch.t)
-        features = batch.timestep_features if batch.timestep_features is not None else dit.timestep_features(batch.t)
 
         def before(*values):
             self.set_weights({**params, **dict(zip(outer, values))})
             c = self.conditioning(batch)
             context = run_layers(dit.to_cond_embed, c["cross_attn_cond_used"].astype(dtype))
             global_embed = run_layers(dit.to_global_embed, c["global_cond"].astype(dtype))
-            h, adaln = dit.transformer.enter(dit.preprocess(noised), global_embed + dit.embed_timestep(features))
+            h, adaln = dit.transformer.enter(dit.preprocess(x["noised"]),
+                                             global_embed + dit.embed_timestep(x["timestep_features"]))
             return [h, context, adaln]
 
         def after(h, *values):
             self.set_weights({**params, **dict(zip(outer, values))})
             v = dit.postprocess(dit.transformer.leave(h)).astype(mx.float32)
-            signal_mask, context_mask = loss_masks(batch.padding_mask.astype(mx.float32), mask)
-            loss = masked_mse(v, target, signal_mask)
-            if self.mask_loss_weight > 0:
-                loss = loss + self.mask_loss_weight * masked_mse(v, target, context_mask)
-            return [loss]
+            return [self.objective(v, x["target"], batch)["loss"]]
 
         values = [params[k] for k in outer]
         h, context, adaln = before(*values)
