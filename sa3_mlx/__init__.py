@@ -71,7 +71,7 @@ def train(data: str | Path, model: str, resume: bool = False, **settings):
     from .runtime import configure_process
     from .training.run import TrainConfig, train as run_training
 
-    configure_process()
+    configure_process(training=True)  # on CUDA: no CUDA graphs, when nothing ran on the GPU before
     hooks = {k: settings.pop(k) for k in ("on_step", "on_start", "warn", "encode_progress") if k in settings}
     return run_training(TrainConfig(data=str(data), model=str(model), **settings), resume=resume, **hooks)
 

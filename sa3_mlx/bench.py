@@ -363,7 +363,7 @@ def train_main(args) -> int:
     from .training.bench import bench_step
 
     fused_modes = compile_modes(args.fused)
-    configure_process()
+    configure_process(training=True)
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     crops = [int(c) for c in args.crops.split(",") if c.strip()]

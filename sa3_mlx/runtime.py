@@ -16,12 +16,24 @@ _configured = False
 # MLX CUDA compiles its kernels at first use (NVRTC) and keeps them in this folder: on an H200
 # the fused training step's first use took 118-224 s, a later process's 1.5 s.
 KERNEL_CACHE = Path.home() / ".cache" / "sa3-mlx" / "cuda-kernels"
+# MLX CUDA records the kernels it launches into CUDA graphs (``MLX_USE_CUDA_GRAPHS``, read once, at the
+# process's first GPU work). A sampler step gains from that, a training step loses: on an H200 (bf16,
+# r16, 256 latents) the small model's dora-rows step took 184-188 ms with graphs off against 339-340 ms
+# with them, medium dora-rows 174 against 394 ms, medium lora 144 against 260 ms; a sampler step of the
+# small DiT at 30 s took 9.2-11.6 ms with graphs off against 5.4-7.3 ms with them (docs/performance.md).
+CUDA_GRAPHS_VAR = "MLX_USE_CUDA_GRAPHS"
 
 
-def configure_process() -> None:
+def configure_process(training: bool = False) -> None:
     """Keep freed memory for reuse (glibc; see :func:`sa3_mlx.backend.reuse_freed_memory`) and MLX CUDA's
-    compiled kernels across processes (:data:`KERNEL_CACHE`, unless ``MLX_PTX_CACHE_DIR`` is set). Idempotent."""
+    compiled kernels across processes (:data:`KERNEL_CACHE`, unless ``MLX_PTX_CACHE_DIR`` is set). Idempotent.
+
+    ``training`` (``sa3 train``, ``sa3 bench --train``, :func:`sa3_mlx.train`): on CUDA, launch kernels
+    directly rather than through CUDA graphs (:data:`CUDA_GRAPHS_VAR`), unless the variable is set. MLX
+    reads it at the process's first GPU work, so this must come before any."""
     global _configured
+    if training and CUDA_GRAPHS_VAR not in os.environ and _on_cuda():
+        os.environ[CUDA_GRAPHS_VAR] = "0"
     if not _configured:
         backend.reuse_freed_memory()
         if "MLX_PTX_CACHE_DIR" not in os.environ and _on_cuda():  # read when MLX first compiles a kernel

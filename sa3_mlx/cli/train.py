@@ -206,6 +206,7 @@ def build_train_parser() -> Parser:
 
 def train(argv: list[str]) -> int:
     """``sa3 train FOLDER --model ... [flags]``."""
+    from ..runtime import configure_process
     from ..training.run import TrainConfig
     from ..training.run import train as run_training
 
@@ -234,6 +235,7 @@ def train(argv: list[str]) -> int:
         base_precision=args.base_precision, checkpointing=args.checkpointing, fused=args.fused, trigger=args.trigger,
         trigger_prob=args.trigger_prob, tag_keep=args.tag_keep,
         cache=str(args.cache) if args.cache else None, plot_every=args.plot_every)
+    configure_process(training=True)
     console = _Console(args.quiet)
     update, _ = _encode_progress(console)
     bar = _TrainBar(console)
