@@ -18,8 +18,8 @@ _configured = False
 KERNEL_CACHE = Path.home() / ".cache" / "sa3-mlx" / "cuda-kernels"
 # MLX CUDA records the kernels it launches into CUDA graphs (``MLX_USE_CUDA_GRAPHS``, read once, at the
 # process's first GPU work). A sampler step gains from that, a training step loses: on an H200 (bf16,
-# r16, 256 latents) the small model's dora-rows step took 184-188 ms with graphs off against 339-340 ms
-# with them, medium dora-rows 174 against 394 ms, medium lora 144 against 260 ms; a sampler step of the
+# r16, 256 latents) the small model's dora-rows step took 110-188 ms with graphs off against 252-340 ms
+# with them, medium dora-rows 161-174 against 394 ms, medium lora 144-167 against 260 ms; a sampler step of the
 # small DiT at 30 s took 9.2-11.6 ms with graphs off against 5.4-7.3 ms with them (docs/performance.md).
 CUDA_GRAPHS_VAR = "MLX_USE_CUDA_GRAPHS"
 
