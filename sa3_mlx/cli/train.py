@@ -106,6 +106,7 @@ def _encode_progress(console: _Console):
 def encode(argv: list[str]) -> int:
     """``sa3 encode FOLDER --model REPO_OR_PATH [--cache DIR]``."""
     from .. import upstream
+    from ..runtime import configure_process
     from ..training.data import cache_dir, encode_folder
 
     p = Parser(prog="sa3 encode", description="Encode a folder of audio (recursively) into latents with the "
@@ -119,6 +120,7 @@ def encode(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not args.folder.is_dir():
         raise UsageError(f"{args.folder}: not a folder")
+    configure_process()  # as every entry point (memory reuse, the CUDA kernel cache)
     console = _Console(args.quiet)
     model = upstream.load(args.model, progress=console.enabled)
     update, _ = _encode_progress(console)
