@@ -405,11 +405,11 @@ def test_ctrl_c_in_a_local_run_finishes_the_running_item_and_resumes(bundle, tmp
 def test_local_cluster_gives_its_workers_the_machine_cores():
     """`--ray local --workers N`: the cluster has the machine's cores (split among the workers), not N cores:
     one worker on a 2-core box used to get one core (and one BLAS thread), +60% per clip."""
-    from sa3_mlx.batch.command import local_cluster_cpus
+    from sa3_mlx.batch.cluster import local_cluster_cpus
 
     assert local_cluster_cpus(1, None, cores=2) == 2
     assert local_cluster_cpus(2, None, cores=8) == 8  # 4 cores each (RayExecutor._placements splits them)
     assert local_cluster_cpus(4, None, cores=2) == 4  # more workers than cores: one each
     assert local_cluster_cpus(3, 2, cores=2) == 6  # as asked
-    assert local_cluster_cpus(None, None, cores=2) is None  # Ray counts the cores itself
-    assert local_cluster_cpus(1, None) >= 1
+    assert local_cluster_cpus(None, None, cores=2) == 2  # no count given: the machine's cores
+    assert local_cluster_cpus(None, 2, cores=8) == 8

@@ -28,7 +28,7 @@ def test_hardware_line_and_peak_rss():
 
 
 def test_training_turns_cuda_graphs_off_on_cuda_only_unless_set(monkeypatch):
-    """A training process on CUDA launches kernels directly (MLX_USE_CUDA_GRAPHS=0: 1.8-2.3x faster steps on
+    """A training process on CUDA launches kernels directly (MLX_USE_CUDA_GRAPHS=0: 1.8-2.4x faster steps on
     an H200); inference keeps the graphs; a value the user set stands; other devices are left alone."""
     from sa3_mlx import runtime
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import sys
 import time
@@ -227,20 +226,6 @@ class Report:
             print("run the same command again to make the rest", file=sys.stderr, flush=True)
 
 
-def local_cluster_cpus(workers: int | None, cpus_per_worker: int | None, cores: int | None = None) -> int | None:
-    """The size of the ``--ray local`` cluster: ``workers x cpus_per_worker`` when both are given; with
-    ``workers`` alone this machine's cores (the workers share them; at least one per worker), so one
-    worker gets them all; None (this machine's cores, Ray's own count) otherwise. (Sizing it as
-    ``workers`` cores left one worker one core of two: +60% per clip, measured.)"""
-    if not workers:
-        return None
-    if cpus_per_worker:
-        return workers * cpus_per_worker
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(cores, workers)
-
-
 def _executor(args, folder: Path):
     if args.ray is None:
         from ..pipeline import Pipeline
@@ -254,9 +239,8 @@ def _executor(args, folder: Path):
     from .cluster import RayExecutor, import_ray
 
     import_ray()  # the install hint, before anything else
-    local_cpus = local_cluster_cpus(args.workers, args.cpus_per_worker) if args.ray == "local" else None
     return RayExecutor(args.ray, folder, args.weights_dir and args.weights_dir.resolve(), workers=args.workers,
-                       cpus_per_worker=args.cpus_per_worker, local_cpus=local_cpus)
+                       cpus_per_worker=args.cpus_per_worker)
 
 
 def main(argv: list[str]) -> int:

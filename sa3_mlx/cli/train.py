@@ -198,8 +198,8 @@ def build_train_parser() -> Parser:
     g.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the DiT blocks: "
                    "recompute activations in the backward pass (less memory, about one more forward pass of time)")
     g.add_argument("--fused", action="store_true", help="GPUs: each DiT block as one compiled function with "
-                   "the backward pass written out block by block (faster for the small model's lora; less memory, "
-                   "like --checkpointing; its first use on a machine compiles kernels for minutes)")
+                   "the backward pass written out block by block (less memory, like --checkpointing; with CUDA graphs on it "
+                   "was faster for the small model's lora; its first use on a machine compiles kernels for minutes)")
     g.add_argument("--cache", type=Path, metavar="DIR", help="latent cache (default FOLDER/.sa3-cache)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
