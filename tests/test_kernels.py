@@ -21,6 +21,7 @@ from sa3_mlx import kernels
 from sa3_mlx.kernels import DyTParams, Kernels, RMSNormParams
 from sa3_mlx.kernels import cpu as cpu_kernels
 from sa3_mlx.kernels.cpu import CPUKernels
+from sa3_mlx.kernels.cuda import CUDAKernels
 from sa3_mlx.models.dit import DiT, DiTConfig
 from sa3_mlx.models.layers import Attention
 from sa3_mlx.models.same import SAMEAttention, SAMEConfig, build_same
@@ -382,12 +383,17 @@ def test_backends_by_device_and_name():
 
 def test_for_device(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    gpu = kernels.by_name("cuda") if mx.cuda.is_available() else REF  # Metal: the reference
     assert kernels.for_device(mx.cpu) is CPU
+    assert kernels.for_device(mx.Device(mx.DeviceType.gpu)) is gpu
+    assert kernels.for_device() is (CPU if mx.default_device() == mx.cpu else gpu)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert isinstance(kernels.for_device(mx.Device(mx.DeviceType.gpu)), CUDAKernels)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
     assert kernels.for_device(mx.Device(mx.DeviceType.gpu)) is REF
-    assert kernels.for_device() is (CPU if mx.default_device() == mx.cpu else REF)
 
 
-@pytest.mark.parametrize("name", ["mlx", "cpu"])
+@pytest.mark.parametrize("name", ["mlx", "cpu", "cuda"])
 def test_env_override(monkeypatch, name):
     monkeypatch.setenv(kernels.ENV_VAR, name)
     expected = kernels.by_name(name)

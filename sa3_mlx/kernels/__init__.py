@@ -9,8 +9,9 @@ fast paths where they pay, falling back to the reference everywhere else.
 Which backend runs:
 
 * :func:`for_device` ``(device=None)``: the backend for a device (the default device
-  when None): the CPU backend for the CPU, the reference for anything else.
-  ``SA3_KERNELS=mlx`` or ``SA3_KERNELS=cpu`` overrides that (debugging, benchmarks).
+  when None): the CPU backend for the CPU, :class:`~sa3_mlx.kernels.cuda.CUDAKernels` for an
+  NVIDIA GPU, the reference for anything else (Metal). ``SA3_KERNELS=mlx|cpu|cuda`` overrides
+  that (debugging, benchmarks).
 * :func:`use` ``(backend)``: a context manager that sets the backend for the current
   context (a :class:`contextvars.ContextVar`: each thread, e.g. a studio worker and
   the main thread, has its own).
@@ -36,7 +37,7 @@ import mlx.nn as nn
 import numpy as np
 
 ENV_VAR = "SA3_KERNELS"
-NAMES = ("mlx", "cpu")
+NAMES = ("mlx", "cpu", "cuda")
 GLU_ACTIVATIONS = ("silu", "sin_pi")
 
 
@@ -199,6 +200,36 @@ class Kernels:
             return x
         return mx.fast.rope(x, dims, traditional=False, base=base, scale=1.0, offset=0)
 
+    def heads(
+        self,
+        x: mx.array,
+        num_heads: int,
+        kinds: str,
+        q_norm: NormParams | None = None,
+        k_norm: NormParams | None = None,
+        rope_dims: int = 0,
+        rope_base: float = 10000.0,
+        value_mask: mx.array | None = None,
+    ) -> list[mx.array]:
+        """The attention heads ``[B, H, N, D]`` of a projection ``x`` [B, N, len(kinds) H D].
+
+        ``kinds`` names the equal parts of ``x``'s last axis in order: ``"q"`` (normed by ``q_norm``,
+        then RoPE on the first ``rope_dims`` features, positions ``0..N-1``), ``"k"`` (the same with
+        ``k_norm``) or ``"v"`` (times ``value_mask``, B N elements as [B, N] or [B, 1, N, 1], when given):
+        ``"qkv"``, ``"qkvqk"`` (differential self-attention), ``"q"`` (cross-attention queries).
+        """
+        parts = mx.split(x, len(kinds), axis=-1) if len(kinds) > 1 else [x]
+        out = []
+        for kind, part in zip(kinds, parts):
+            heads = split_heads(part, num_heads)
+            if kind == "v":
+                if value_mask is not None:
+                    heads = heads * value_mask.reshape(x.shape[0], 1, x.shape[1], 1)
+            else:
+                heads = self.rope(self.qk_norm(heads, q_norm if kind == "q" else k_norm), rope_dims, rope_base)
+            out.append(heads)
+        return out
+
     def self_attention(
         self,
         qkv: mx.array,
@@ -221,18 +252,9 @@ class Kernels:
         [B, N] or [B, 1, N, 1]; 1 = valid) multiplies the values: padded positions
         keep their softmax weight but contribute nothing.
         """
-        B, N, _ = qkv.shape
-        if differential:
-            q, k, values, q_diff, k_diff = mx.split(qkv, 5, axis=-1)
-            queries, keys = [q, q_diff], [k, k_diff]
-        else:
-            q, k, values = mx.split(qkv, 3, axis=-1)
-            queries, keys = [q], [k]
-        queries = [self.rope(self.qk_norm(split_heads(q, num_heads), q_norm), rope_dims, rope_base) for q in queries]
-        keys = [self.rope(self.qk_norm(split_heads(k, num_heads), k_norm), rope_dims, rope_base) for k in keys]
-        values = split_heads(values, num_heads)
-        if value_mask is not None:
-            values = values * value_mask.reshape(B, 1, N, 1)
+        q, k, values, *diff = self.heads(qkv, num_heads, "qkvqk" if differential else "qkv", q_norm, k_norm,
+                                         rope_dims, rope_base, value_mask)
+        queries, keys = [q, *diff[:1]], [k, *diff[1:]]
         out = self.attention(queries[0], keys[0], values, scale)
         if differential:
             out = out - self.attention(queries[1], keys[1], values, scale)
@@ -289,22 +311,27 @@ def reference() -> Kernels:
 
 
 def by_name(name: str) -> Kernels:
-    """The backend called ``name``: ``"mlx"`` (the reference) or ``"cpu"`` (one instance each)."""
+    """The backend called ``name``: ``"mlx"`` (the reference), ``"cpu"`` or ``"cuda"`` (one instance each)."""
     key = name.strip().lower()
     if key not in NAMES:
         raise ValueError(f"unknown kernels backend {name!r}: expected one of {', '.join(NAMES)}")
     with _backends_lock:
         if key not in _backends:
-            from .cpu import CPUKernels
+            if key == "cpu":
+                from .cpu import CPUKernels
 
-            _backends[key] = CPUKernels()
+                _backends[key] = CPUKernels()
+            else:
+                from .cuda import CUDAKernels
+
+                _backends[key] = CUDAKernels()
         return _backends[key]
 
 
 def for_device(device: mx.Device | mx.DeviceType | None = None) -> Kernels:
     """The backend for ``device`` (a device or a device type such as ``mx.cpu``; default:
-    MLX's default device): the CPU backend for the CPU, the reference for anything else.
-    ``SA3_KERNELS=mlx|cpu`` overrides the choice."""
+    MLX's default device): the CPU backend for the CPU, the CUDA one for an NVIDIA GPU, the
+    reference for anything else. ``SA3_KERNELS=mlx|cpu|cuda`` overrides the choice."""
     forced = os.environ.get(ENV_VAR, "").strip()
     if forced:
         try:
@@ -313,7 +340,9 @@ def for_device(device: mx.Device | mx.DeviceType | None = None) -> Kernels:
             raise ValueError(f"{ENV_VAR}={forced!r}: expected one of {', '.join(NAMES)}") from None
     device = mx.default_device() if device is None else device
     kind = device.type if isinstance(device, mx.Device) else device
-    return by_name("cpu" if kind == mx.DeviceType.cpu else "mlx")
+    if kind == mx.DeviceType.cpu:
+        return by_name("cpu")
+    return by_name("cuda" if mx.cuda.is_available() else "mlx")
 
 
 def active() -> Kernels:

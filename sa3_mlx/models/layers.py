@@ -193,9 +193,9 @@ class Attention(nn.Module):
         ``to_out``. Then ``to_out(concat_h(P_h V_h)) = concat_h(P_h) @ value_out``, a
         product over H S inputs instead of dims (a merged 17-token prompt: 272, not 1024).
         """
-        *keys, values = mx.split(self.to_kv(context), 3 if self.differential else 2, axis=-1)
-        kv = {"keys": [self.k_norm(split_heads(k, self.num_heads)) for k in keys],
-              "values": split_heads(values, self.num_heads)}
+        *keys, values = kernels.active().heads(self.to_kv(context), self.num_heads, "kkv" if self.differential else "kv",
+                                               k_norm=RMSNormParams(self.k_norm.weight, self.k_norm.eps))
+        kv = {"keys": keys, "values": values}
         if key_bias is not None:
             kv["key_bias"] = key_bias
         B, S, _ = context.shape
@@ -233,8 +233,8 @@ class Attention(nn.Module):
                 raise ValueError("cross-attention needs a context")
             context_kv = self.context_keys_values(context)
         keys, values, key_bias = context_kv["keys"], context_kv["values"], context_kv.get("key_bias")
-        queries = mx.split(self.to_q(x), 2 if self.differential else 1, axis=-1)
-        queries = [self.q_norm(split_heads(q, self.num_heads)) for q in queries]
+        queries = kernels.active().heads(self.to_q(x), self.num_heads, "qq" if self.differential else "q",
+                                         q_norm=RMSNormParams(self.q_norm.weight, self.q_norm.eps))
         if "value_out" in context_kv:
             ops = kernels.active()
             weights = ops.attention_weights(queries[0], keys[0], self.scale, key_bias)
