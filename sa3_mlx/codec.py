@@ -14,10 +14,14 @@ along the batch axis so a whole decode is a few model calls.
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 
+from . import kernels
 from .audio import CHANNELS as AUDIO_CHANNELS
-from .models.same import SAMEDecoder, SAMEEncoder
+from .denoiser import compile_by_default
+from .models.same import SAMEBlock, SAMEDecoder, SAMEEncoder
 
 PATCH_SIZE = 256  # samples per patch and channel
 PATCH_CHANNELS = AUDIO_CHANNELS * PATCH_SIZE
@@ -83,19 +87,58 @@ def _window_length(length: int, max_window: int, grid: int, context: tuple[int, 
     return max_window
 
 
+class CompiledBlock:
+    """A SAME block called as the codec calls it (``block(x, window, qkv)``), each way of calling it
+    ``mx.compile``d once (per window, first-block projection or not, and kernels backend, which the trace
+    bakes in). A GPU then runs the block's element-wise work (DyT norms, GLU, residuals) as a few fused
+    kernels instead of one kernel and one memory pass per operation."""
+
+    def __init__(self, block: SAMEBlock):
+        self.block = block
+        self._traced: dict = {}
+
+    def __call__(self, x: mx.array, window: tuple[int, int] | None = None, qkv: mx.array | None = None):
+        key = (window, qkv is None, kernels.active())
+        if key not in self._traced:
+            block = self.block
+            self._traced[key] = (mx.compile(lambda h: block(h, window)) if qkv is None
+                                 else mx.compile(lambda h, q: block(h, window, q)))
+        return self._traced[key](x) if qkv is None else self._traced[key](x, qkv)
+
+
+# Compiled blocks per decoder (by id; dropped when the decoder is collected: --free-models frees it).
+_COMPILED: dict[int, list[CompiledBlock]] = {}
+
+
+def compiled_blocks(decoder: SAMEDecoder) -> list[CompiledBlock] | None:
+    """``decoder``'s blocks compiled, kept as long as it lives (tracing anew at every decode would cost
+    more than it saves), where sampler steps are compiled (GPUs; ``SA3_COMPILE``); else None (the plain
+    blocks: on the CPU the block's numpy paths are faster than compiled MLX ops)."""
+    if not compile_by_default():
+        return None
+    key = id(decoder)
+    if key not in _COMPILED:
+        _COMPILED[key] = [CompiledBlock(block) for block in decoder.blocks]
+        weakref.finalize(decoder, _COMPILED.pop, key, None)
+    return _COMPILED[key]
+
+
 def decode(
     decoder: SAMEDecoder,
     latents: mx.array,
     max_window: int | None = None,
     memory_budget: int = DEFAULT_DECODE_MEMORY,
+    blocks: list | None = None,
 ) -> mx.array:
     """Latents ``[B, 256, T]`` -> patches ``[B, 512, 16 T]``, equal to one whole-sequence decode.
 
     One call when the sequence fits both ``max_window`` (latents) and
     ``memory_budget`` (bytes of activations per call). Otherwise overlapping
     windows on the model's grid, as many stacked per call as the budget allows
-    (``max_window`` must leave room for the codec's edge context).
+    (``max_window`` must leave room for the codec's edge context). ``blocks``: the callables to run as the
+    blocks (default :func:`compiled_blocks`, or the plain blocks where steps are not compiled).
     """
+    blocks = compiled_blocks(decoder) if blocks is None else blocks
     c = decoder.config
     B, _, T = latents.shape
     grid, context = c.window_grid, c.context_latents
@@ -107,7 +150,7 @@ def decode(
         raise ValueError(f"max_window must be at least {smallest} latents for this codec, got {max_window}")
     limit = max(min(max_window or padded, call_latents // B) // grid * grid, smallest)
     if padded <= limit:
-        return decoder(latents)
+        return decoder(latents, blocks)
 
     hidden = decoder.embed(latents)
     window = _window_length(padded, limit, grid, context)
@@ -117,7 +160,7 @@ def decode(
     for first in range(0, len(plan), per_call):
         group = plan[first : first + per_call]
         stacked = mx.concatenate([hidden[:, start : start + window] for start, _, _ in group], axis=0)
-        out = decoder.decode_embedded(stacked)
+        out = decoder.decode_embedded(stacked, blocks)
         for i, (start, keep_from, keep_to) in enumerate(group):
             span = slice((keep_from - start) * c.stride, (keep_to - start) * c.stride)
             pieces.append(out[i * B : (i + 1) * B, :, span])

@@ -23,8 +23,11 @@ def test_previews_every_n_steps_decode_the_predicted_clean_latents(bundle):
                for p in previews)
     final = next(e for e in events if isinstance(e, Finished)).result
     # A preview is what the model predicts from the state after its step (the prediction the next step starts
-    # from): after step 6 of 7 that is exactly pingpong's result, whose last step lands on its prediction.
-    np.testing.assert_array_equal(previews[-1].audio, final.audio[0])
+    # from): after step 6 of 7 that is exactly pingpong's result, whose last step lands on its prediction. The
+    # preview decodes the first output alone, the run both together: compared at one batch size, since BLAS may
+    # round a product of other row counts differently (seen on an AMD EPYC: 1.6e-7).
+    alone = pipe.decode_latents(final.latents[0])[:, : final.audio.shape[-1]]
+    np.testing.assert_array_equal(previews[-1].audio, alone)
     assert not np.array_equal(previews[0].audio, final.audio[0])
     # Previews change nothing: the same run without them gives the same audio.
     np.testing.assert_array_equal(pipe.generate(settings=s).audio, final.audio)

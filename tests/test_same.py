@@ -99,18 +99,19 @@ class CountingDecoder:
         self.decoder = decoder
         self.config = decoder.config
         self.project_in = decoder.project_in
+        self.blocks = decoder.blocks
         self.calls: list[tuple[int, ...]] = []
 
-    def __call__(self, latents):
+    def __call__(self, latents, blocks=None):
         self.calls.append(tuple(latents.shape))
-        return self.decoder(latents)
+        return self.decoder(latents, blocks)
 
     def embed(self, latents):
         return self.decoder.embed(latents)
 
-    def decode_embedded(self, hidden):
+    def decode_embedded(self, hidden, blocks=None):
         self.calls.append(tuple(hidden.shape))
-        return self.decoder.decode_embedded(hidden)
+        return self.decoder.decode_embedded(hidden, blocks)
 
 
 @pytest.mark.parametrize("family", ["s", "l"])
@@ -382,3 +383,27 @@ def test_official_layout_round_trip(family, role):
     assert loaded.config == config
     for key, value in tree_flatten(loaded.parameters()):
         assert np.array_equal(np.array(value), arrays[key]), key
+
+
+@pytest.mark.parametrize("family", ["s", "l"])
+def test_compiled_blocks_decode_as_the_plain_ones_and_live_as_long_as_the_decoder(family, monkeypatch):
+    """GPUs decode with each block compiled (codec.compiled_blocks): the same output, whole and in windows,
+    and the compiled functions are dropped with their decoder (--free-models)."""
+    import gc
+
+    decoder = build_same(SAMEConfig.tiny(family, "decoder"))
+    mx.eval(decoder.parameters())
+    latents = mx.random.normal((1, 256, 40), key=mx.random.key(3))
+    plain = np.array(codec.decode(decoder, latents, blocks=decoder.blocks))
+    monkeypatch.setenv("SA3_COMPILE", "1")
+    blocks = codec.compiled_blocks(decoder)
+    assert blocks is codec.compiled_blocks(decoder) and len(blocks) == len(decoder.blocks)
+    np.testing.assert_allclose(np.array(codec.decode(decoder, latents)), plain, atol=1e-5)
+    windowed = np.array(codec.decode(decoder, latents, max_window=16))  # 40 latents: several windows
+    np.testing.assert_allclose(windowed, plain, atol=1e-5)
+    key = id(decoder)
+    del decoder, blocks
+    gc.collect()
+    assert key not in codec._COMPILED
+    monkeypatch.setenv("SA3_COMPILE", "0")
+    assert codec.compiled_blocks(build_same(SAMEConfig.tiny(family, "decoder"))) is None

@@ -452,12 +452,14 @@ class _SAMECodec(nn.Module):
         """``new_tokens`` broadcast to ``[batch, latents, count, dim]``."""
         return mx.broadcast_to(self.new_tokens[:, :, None], (batch, latents, count, self.config.dim))
 
-    def run_blocks(self, x: mx.array, first_qkv: mx.array | None = None) -> mx.array:
+    def run_blocks(self, x: mx.array, first_qkv: mx.array | None = None, blocks: list | None = None) -> mx.array:
         """The blocks over ``x`` [B, latents x (stride + 1), dim] (latents on the window grid).
-        ``first_qkv``: the first block's ``to_qkv(pre_norm(x))`` [B, N, 5 dim], if known."""
+        ``first_qkv``: the first block's ``to_qkv(pre_norm(x))`` [B, N, 5 dim], if known. ``blocks``:
+        callables to run in place of the blocks, with their arguments (e.g. each compiled)."""
         c = self.config
+        blocks = self.blocks if blocks is None else blocks
         if c.family == "l":
-            for i, block in enumerate(self.blocks):
+            for i, block in enumerate(blocks):
                 x = _evaluated(block(x, c.sliding_window, first_qkv if i == 0 else None))
             return x
 
@@ -467,11 +469,11 @@ class _SAMECodec(nn.Module):
         x = x.reshape(-1, chunk, D)
         if first_qkv is not None:
             first_qkv = first_qkv.reshape(x.shape[0], chunk, -1)
-        x = self._chunks_through(self.blocks[:split], x, first_qkv)
+        x = self._chunks_through(blocks[:split], x, first_qkv)
         # Second half: chunks shifted by half a chunk; the edges repeat their own half chunk.
         x = x.reshape(B, N, D)
         x = mx.concatenate([x[:, :shift], x, x[:, -shift:]], axis=1).reshape(-1, chunk, D)
-        x = self._chunks_through(self.blocks[split:], x)
+        x = self._chunks_through(blocks[split:], x)
         return x.reshape(B, N + 2 * shift, D)[:, shift:-shift]
 
     def _chunks_through(self, blocks: list, x: mx.array, first_qkv: mx.array | None = None) -> mx.array:
@@ -529,12 +531,13 @@ class SAMEDecoder(_SAMECodec):
         pad = -h.shape[1] % self.config.window_grid
         return mx.pad(h, [(0, 0), (0, pad), (0, 0)]) if pad else h
 
-    def decode_embedded(self, hidden: mx.array) -> mx.array:
-        """``[B, T', dim]`` from :meth:`embed` (T' on the grid) -> patches ``[B, io, stride x T']``."""
+    def decode_embedded(self, hidden: mx.array, blocks: list | None = None) -> mx.array:
+        """``[B, T', dim]`` from :meth:`embed` (T' on the grid) -> patches ``[B, io, stride x T']``.
+        ``blocks``: see :meth:`run_blocks`."""
         c = self.config
         B, T, D = hidden.shape
         tokens = mx.concatenate([hidden[:, :, None], self._new_tokens(B, T, c.stride)], axis=2)
-        tokens = self.run_blocks(tokens.reshape(B, T * c.tokens_per_latent, D), self._first_qkv(hidden))
+        tokens = self.run_blocks(tokens.reshape(B, T * c.tokens_per_latent, D), self._first_qkv(hidden), blocks)
         # Each latent's first token (its input) is dropped; the new tokens become patches.
         out = tokens.reshape(B, T, c.tokens_per_latent, D)[:, :, 1:].reshape(B, T * c.stride, D)
         return self.mapping(out).transpose(0, 2, 1)
@@ -553,8 +556,8 @@ class SAMEDecoder(_SAMECodec):
         new_rows = mx.broadcast_to(new_row, (B, T, self.config.stride, new_row.shape[-1]))
         return mx.concatenate([latent_rows, new_rows], axis=2).reshape(B, T * self.config.tokens_per_latent, -1)
 
-    def __call__(self, latents: mx.array) -> mx.array:
-        patches = self.decode_embedded(self.embed(latents))
+    def __call__(self, latents: mx.array, blocks: list | None = None) -> mx.array:
+        patches = self.decode_embedded(self.embed(latents), blocks)
         return patches[..., : latents.shape[-1] * self.config.stride]
 
 
