@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from . import kernels
 from .audio import CHANNELS as AUDIO_CHANNELS
-from .denoiser import compile_by_default
+from .runtime import compile_by_default
 from .models.same import SAMEBlock, SAMEDecoder, SAMEEncoder
 
 PATCH_SIZE = 256  # samples per patch and channel
@@ -57,7 +57,8 @@ def unpatchify(patches: mx.array) -> mx.array:
 
 
 def encode(encoder: SAMEEncoder, audio: mx.array) -> mx.array:
-    """Audio ``[B, 2, N]`` -> latents ``[B, 256, ceil(N / 4096)]`` (silence-padded)."""
+    """Audio ``[B, 2, N]`` -> latents ``[B, 256, ceil(N / 4096)]`` (silence-padded). The blocks run plain:
+    a data set's files have many lengths, and each new length would trace compiled blocks again."""
     return encoder(patchify(audio))
 
 
@@ -106,20 +107,20 @@ class CompiledBlock:
         return self._traced[key](x) if qkv is None else self._traced[key](x, qkv)
 
 
-# Compiled blocks per decoder (by id; dropped when the decoder is collected: --free-models frees it).
+# Compiled blocks per codec (by id; dropped when the codec is collected: --free-models frees it).
 _COMPILED: dict[int, list[CompiledBlock]] = {}
 
 
-def compiled_blocks(decoder: SAMEDecoder) -> list[CompiledBlock] | None:
-    """``decoder``'s blocks compiled, kept as long as it lives (tracing anew at every decode would cost
-    more than it saves), where sampler steps are compiled (GPUs; ``SA3_COMPILE``); else None (the plain
-    blocks: on the CPU the block's numpy paths are faster than compiled MLX ops)."""
+def compiled_blocks(codec: SAMEDecoder | SAMEEncoder) -> list[CompiledBlock] | None:
+    """The blocks of ``codec`` (a decoder or an encoder) compiled, kept as long as it lives (tracing anew
+    at every call would cost more than it saves), where sampler steps are compiled (GPUs; ``SA3_COMPILE``);
+    else None (the plain blocks: on the CPU the block's numpy paths are faster than compiled MLX ops)."""
     if not compile_by_default():
         return None
-    key = id(decoder)
+    key = id(codec)
     if key not in _COMPILED:
-        _COMPILED[key] = [CompiledBlock(block) for block in decoder.blocks]
-        weakref.finalize(decoder, _COMPILED.pop, key, None)
+        _COMPILED[key] = [CompiledBlock(block) for block in codec.blocks]
+        weakref.finalize(codec, _COMPILED.pop, key, None)
     return _COMPILED[key]
 
 

@@ -7,24 +7,17 @@ loaded DiT, so compiled steps live exactly as long as the weights they traced.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 
 from .models.dit import DiT, DiTConditioning
+from .runtime import compile_by_default
 from .sampling import SAMPLERS, Guidance, StepNoise, Velocity, apply_guidance
 from .sources import DISTILLED_DEFAULTS
 
 # Activation memory above which a sampler step runs block by block (see Denoiser.steps).
 STEP_MEMORY = 2 << 30
-
-
-def compile_by_default() -> bool:
-    """mx.compile fuses each sampler step into one graph: a large win on GPUs, none on CPUs.
-    ``SA3_COMPILE=0|1`` overrides."""
-    on_gpu = mx.default_device().type == mx.DeviceType.gpu
-    return {"0": False, "1": True}.get(os.environ.get("SA3_COMPILE", ""), on_gpu)
 
 
 def _predict_fn(dit: DiT, blocks: list | None = None) -> Callable:

@@ -45,6 +45,15 @@ def configure_process(training: bool = False) -> None:
         _configured = True
 
 
+def compile_by_default() -> bool:
+    """mx.compile fuses each sampler step into one graph: a large win on GPUs, none on CPUs.
+    ``SA3_COMPILE=0|1`` overrides."""
+    import mlx.core as mx
+
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    return {"0": False, "1": True}.get(os.environ.get("SA3_COMPILE", ""), on_gpu)
+
+
 def _on_cuda() -> bool:
     import mlx.core as mx
 

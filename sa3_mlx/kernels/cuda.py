@@ -138,26 +138,26 @@ def heads_source(kinds: str, head_dim: int, num_heads: int, rope_dims: int, rope
             if (i < D) v[j] = v[j] * inv * static_cast<float>({kind}_weight[i]);
         }}"""
 
-    rope_code = "" if not rope_dims else f"""
-    if (kind != 2) {{
-        for (int j = 0; j < PER_LANE; ++j) {{
+    rope_code = "" if not rope_dims else """
+    if (kind != 2) {
+        for (int j = 0; j < PER_LANE; ++j) {
             int i = lane + 32 * j;
             if (i < D) rows[warp][i] = v[j];
-        }}
+        }
         __syncwarp();
         constexpr int HALF = ROPE / 2;
-        for (int j = 0; j < PER_LANE; ++j) {{
+        for (int j = 0; j < PER_LANE; ++j) {
             int i = lane + 32 * j;
-            if (i < ROPE) {{
+            if (i < ROPE) {
                 int p = i < HALF ? i : i - HALF;
                 float inv_freq = exp2f(-(static_cast<float>(p) / static_cast<float>(HALF)) * LOG2_BASE);
                 float theta = static_cast<float>(n) * inv_freq;
                 float c = cosf(theta), sn = sinf(theta);
                 float x1 = rows[warp][p], x2 = rows[warp][p + HALF];
                 v[j] = i < HALF ? x1 * c - x2 * sn : x1 * sn + x2 * c;
-            }}
-        }}
-    }}
+            }
+        }
+    }
 """
     source = f"""
     constexpr int D = {head_dim};

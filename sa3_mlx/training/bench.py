@@ -8,7 +8,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from ..denoiser import compile_by_default
+from ..runtime import compile_by_default
 from .adapters import AdapterConfig, LoraParametrization
 from .optimizer import AdamW
 from .step import Batch, TrainStep

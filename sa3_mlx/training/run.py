@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..denoiser import compile_by_default
+from ..runtime import compile_by_default
 from . import checkpoint, objective
 from .adapters import AdapterConfig, LoraParametrization
 from .data import Item, caption_text, encode_folder, silence_latent
