@@ -20,8 +20,8 @@ import mlx.core as mx
 
 from . import kernels
 from .audio import CHANNELS as AUDIO_CHANNELS
-from .runtime import compile_by_default
 from .models.same import SAMEBlock, SAMEDecoder, SAMEEncoder
+from .runtime import compile_by_default
 
 PATCH_SIZE = 256  # samples per patch and channel
 PATCH_CHANNELS = AUDIO_CHANNELS * PATCH_SIZE
@@ -107,20 +107,20 @@ class CompiledBlock:
         return self._traced[key](x) if qkv is None else self._traced[key](x, qkv)
 
 
-# Compiled blocks per codec (by id; dropped when the codec is collected: --free-models frees it).
+# Compiled blocks per decoder (by id; dropped when the decoder is collected: --free-models frees it).
 _COMPILED: dict[int, list[CompiledBlock]] = {}
 
 
-def compiled_blocks(codec: SAMEDecoder | SAMEEncoder) -> list[CompiledBlock] | None:
-    """The blocks of ``codec`` (a decoder or an encoder) compiled, kept as long as it lives (tracing anew
-    at every call would cost more than it saves), where sampler steps are compiled (GPUs; ``SA3_COMPILE``);
-    else None (the plain blocks: on the CPU the block's numpy paths are faster than compiled MLX ops)."""
+def compiled_blocks(decoder: SAMEDecoder) -> list[CompiledBlock] | None:
+    """``decoder``'s blocks compiled, kept as long as it lives (tracing anew at every decode would cost
+    more than it saves), where sampler steps are compiled (GPUs; ``SA3_COMPILE``); else None (the plain
+    blocks: on the CPU the block's numpy paths are faster than compiled MLX ops)."""
     if not compile_by_default():
         return None
-    key = id(codec)
+    key = id(decoder)
     if key not in _COMPILED:
-        _COMPILED[key] = [CompiledBlock(block) for block in codec.blocks]
-        weakref.finalize(codec, _COMPILED.pop, key, None)
+        _COMPILED[key] = [CompiledBlock(block) for block in decoder.blocks]
+        weakref.finalize(decoder, _COMPILED.pop, key, None)
     return _COMPILED[key]
 
 

@@ -51,16 +51,15 @@ class CUDAKernels(Kernels):
             return super().heads(x, num_heads, kinds, q_norm, k_norm, rope_dims, rope_base, value_mask)
         B, N, width = x.shape
         head_dim = width // (len(kinds) * num_heads)
-        norm = q_norm if q_norm is not None else k_norm
-        dyt = isinstance(norm, DyTParams)
+        norms = _norms_used(kinds, q_norm, k_norm)
+        dyt = bool(norms) and isinstance(norms[0], DyTParams)
         inputs = [x]
-        for kind, params in (("q", q_norm), ("k", k_norm)):
-            if kind in kinds:
-                inputs += [params.alpha, params.gamma, params.beta] if dyt else [params.weight]
+        for params in norms:
+            inputs += [params.alpha, params.gamma, params.beta] if dyt else [params.weight]
         masked = value_mask is not None and "v" in kinds
         if masked:
             inputs.append(value_mask.reshape(B, N))
-        eps = None if dyt else norm.eps
+        eps = norms[0].eps if norms and not dyt else None
         kernel = _heads_kernel(kinds, head_dim, num_heads, rope_dims, float(rope_base), dyt, eps, masked)
         rows = B * N * len(kinds) * num_heads
         return kernel(
@@ -73,6 +72,11 @@ class CUDAKernels(Kernels):
         )
 
 
+def _norms_used(kinds: str, q_norm, k_norm) -> list:
+    """The norms of the query and key parts ``kinds`` has, in the kernel's input order (q, then k)."""
+    return [norm for kind, norm in (("q", q_norm), ("k", k_norm)) if kind in kinds]
+
+
 def _kernel_applies(x, num_heads, kinds, q_norm, k_norm, rope_dims) -> bool:
     if x.ndim != 3 or x.dtype not in (mx.float16, mx.bfloat16, mx.float32):
         return False
@@ -81,7 +85,7 @@ def _kernel_applies(x, num_heads, kinds, q_norm, k_norm, rope_dims) -> bool:
     head_dim = x.shape[-1] // (len(kinds) * num_heads)
     if head_dim > MAX_HEAD_DIM or rope_dims > head_dim or rope_dims % 2:
         return False
-    norms = [n for kind, n in (("q", q_norm), ("k", k_norm)) if kind in kinds]
+    norms = _norms_used(kinds, q_norm, k_norm)
     if any(n is None for n in norms) or len({type(n) for n in norms}) > 1:
         return False
     if norms and not isinstance(norms[0], (RMSNormParams, DyTParams)):
