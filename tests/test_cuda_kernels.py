@@ -1,4 +1,4 @@
-"""The CUDA backend's attention-heads kernel against the reference ops.
+"""The CUDA backend's kernels (attention heads, local attention) against the reference ops.
 
 The kernel runs only on an NVIDIA GPU (MLX's CUDA backend); those tests skip elsewhere and are run
 on the GPU machine whenever the kernel changes (docs/performance.md says how). What decides between
@@ -13,8 +13,9 @@ import pytest
 
 from sa3_mlx import kernels
 from sa3_mlx.kernels import DyTParams, RMSNormParams
-from sa3_mlx.kernels.cuda import MAX_HEAD_DIM, _kernel_applies
+from sa3_mlx.kernels.cuda import LOCAL_MAX_WHOLE, MAX_HEAD_DIM, _kernel_applies, _local_plan
 from sa3_mlx.models.dit import DiT, DiTConfig
+from sa3_mlx.models.same import SAMEConfig, build_same
 
 from .util import assert_close
 
@@ -128,3 +129,77 @@ def test_dit_under_the_cuda_backend_equals_the_reference(differential):
         with kernels.use(backend):
             outs.append(np.array(dit(x, t, cross, glob, local, padding)))
     assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5, what="DiT output")
+
+
+def test_local_attention_kernel_takes_only_what_it_computes():
+    def sets(n, B=1, H=2, N=34, D=64, dtype=mx.float32):
+        return [mx.zeros((B, H, N, D), dtype=dtype) for _ in range(n)]
+
+    q, k, v = sets(2), sets(2), sets(1)[0]
+    assert _local_plan(q, k, v, None, 1) == (34, 34, 34, 34)  # a SAME-S chunk, attended whole
+    left, right, tile, keys = _local_plan(sets(2, N=170), sets(2, N=170), sets(1, N=170)[0], (1, 1), 17)
+    assert (left, right) == (17, 17) and keys == tile + 34  # SAME-L: +-17 tokens
+    assert _local_plan(sets(1), sets(1), v, None, 1) is not None  # one set
+    assert _local_plan(sets(1, N=LOCAL_MAX_WHOLE + 1), sets(1, N=LOCAL_MAX_WHOLE + 1),
+                       sets(1, N=LOCAL_MAX_WHOLE + 1)[0], None, 1) is None  # too long to attend whole
+    assert _local_plan(q, k, v, (2, 2), 17) is None  # more keys per query than a block takes
+    assert _local_plan(sets(2, D=48), sets(2, D=48), sets(1, D=48)[0], None, 1) is None  # width
+    assert _local_plan(q, k, v.astype(mx.float16), None, 1) is None  # mixed dtypes
+    assert _local_plan(q, k[:1], v, None, 1) is None  # sets disagree
+    assert _local_plan(sets(2, H=1), k, v, None, 1) is None  # shapes disagree
+
+
+LOCAL_CASES = [
+    # sets, heads, N, head_dim, window, group
+    (2, 3, 34, 64, None, 1),  # SAME-S chunks
+    (1, 2, 20, 64, None, 1),
+    (2, 2, 170, 64, (1, 1), 17),  # SAME-L
+    (1, 2, 68, 128, (1, 1), 17),
+    (2, 1, 96, 64, (2, 1), 8),  # asymmetric window
+    (2, 2, 17, 64, (1, 1), 17),  # shorter than a block
+]
+
+
+@on_cuda
+@pytest.mark.parametrize("sets,heads,N,head_dim,window,group", LOCAL_CASES)
+def test_local_attention_kernel_equals_the_reference_in_fp32(sets, heads, N, head_dim, window, group):
+    B = 2
+    q = [normal(B, heads, N, head_dim, seed=s, scale=0.5) for s in range(sets)]
+    k = [normal(B, heads, N, head_dim, seed=10 + s, scale=0.5) for s in range(sets)]
+    v = normal(B, heads, N, head_dim, seed=20)
+    assert _local_plan(q, k, v, window, group) is not None
+    got = CUDA.local_attention(q, k, v, head_dim**-0.5, window, group)
+    want = REF.local_attention(q, k, v, head_dim**-0.5, window, group)
+    assert got.shape == want.shape == (B, heads, N, head_dim) and got.dtype == mx.float32
+    assert_close(got, want, atol=2e-5, rtol=2e-5, what="local attention")
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_local_attention_kernel_in_half_precision_is_as_close_to_fp32_as_the_reference(dtype):
+    B, H, N, D = 1, 4, 17 * 24, 64
+    q = [normal(B, H, N, D, seed=s) for s in range(2)]
+    k = [normal(B, H, N, D, seed=10 + s) for s in range(2)]
+    v = normal(B, H, N, D, seed=20)
+    exact = np.array(REF.local_attention(q, k, v, 0.125, (1, 1), 17))
+    half = lambda arrays: [a.astype(dtype) for a in arrays]  # noqa: E731
+    got = CUDA.local_attention(half(q), half(k), v.astype(dtype), 0.125, (1, 1), 17)
+    ref = REF.local_attention(half(q), half(k), v.astype(dtype), 0.125, (1, 1), 17)
+    assert got.dtype == dtype
+    err_kernel = np.sqrt(np.mean((np.array(got.astype(mx.float32)) - exact) ** 2))
+    err_reference = np.sqrt(np.mean((np.array(ref.astype(mx.float32)) - exact) ** 2))
+    assert err_kernel <= err_reference * 1.02, (err_kernel, err_reference)
+
+
+@on_cuda
+@pytest.mark.parametrize("family", ["s", "l"])
+def test_same_decoder_under_the_cuda_backend_equals_the_reference(family):
+    config = SAMEConfig.tiny(family, "decoder")
+    mx.random.seed(0)
+    decoder = build_same(config)
+    latents = normal(1, config.latent_dim, 8, seed=5)
+    outs = []
+    for backend in (CUDA, REF):
+        with kernels.use(backend):
+            outs.append(np.array(decoder(latents)))
+    assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5, what="SAME decoder output")

@@ -254,11 +254,37 @@ class Kernels:
         """
         q, k, values, *diff = self.heads(qkv, num_heads, "qkvqk" if differential else "qkv", q_norm, k_norm,
                                          rope_dims, rope_base, value_mask)
-        queries, keys = [q, *diff[:1]], [k, *diff[1:]]
-        out = self.attention(queries[0], keys[0], values, scale)
-        if differential:
-            out = out - self.attention(queries[1], keys[1], values, scale)
-        return merge_heads(out)
+        return merge_heads(self.local_attention([q, *diff[:1]], [k, *diff[1:]], values, scale))
+
+    def local_attention(
+        self,
+        queries: list[mx.array],
+        keys: list[mx.array],
+        values: mx.array,
+        scale: float,
+        window: tuple[int, int] | None = None,
+        group: int = 1,
+    ) -> mx.array:
+        """Attention of ``[B, H, N, D]`` heads where query ``i`` sees the keys ``j`` with
+        ``i - left * group <= j <= i + right * group`` (``window = (left, right)``), or every key (None).
+
+        ``queries`` and ``keys`` hold one set, or two for differential attention: the second set's map
+        is subtracted, ``softmax(q0 k0^T) v - softmax(q1 k1^T) v``. A window is computed by
+        :func:`banded_attention` (memory O(N), not O(N^2)), both sets as one attention over 2H heads.
+        """
+        if len(queries) != len(keys) or len(queries) not in (1, 2):
+            raise ValueError(f"one or two query/key sets, got {len(queries)} and {len(keys)}")
+        if window is None:
+            out = self.attention(queries[0], keys[0], values, scale)
+            if len(queries) == 2:
+                out = out - self.attention(queries[1], keys[1], values, scale)
+            return out
+        if len(queries) == 1:
+            return banded_attention(queries[0], keys[0], values, group, window, scale, self.softmax)
+        out = banded_attention(mx.concatenate(queries, axis=1), mx.concatenate(keys, axis=1),
+                               mx.tile(values, (1, 2, 1, 1)), group, window, scale, self.softmax)
+        main, diff = mx.split(out, 2, axis=1)
+        return main - diff
 
     # ------------------------------------------------------------ host computations
 
@@ -289,6 +315,41 @@ class Kernels:
             merged[b, : len(unique)] = unique
             bias[b, 0, 0, : len(unique)] = np.log(counts.astype(np.float64))
         return mx.array(merged), mx.array(bias)
+
+
+def banded_attention(
+    q: mx.array, k: mx.array, v: mx.array, group: int, window: tuple[int, int], scale: float, softmax=None,
+) -> mx.array:
+    """Attention where token i sees tokens ``i - left*group .. i + right*group`` (``[B, H, N, D]``, N a
+    multiple of ``group``).
+
+    Queries are taken ``group`` at a time; each group gathers the keys of the
+    ``left + right + 1`` groups around it, so memory is O(N), not O(N^2). ``softmax``: the
+    backend's (default: MLX's, in fp32).
+    """
+    softmax = softmax or (lambda x, axis: mx.softmax(x, axis=axis, precise=True))
+    B, H, N, D = q.shape
+    groups = N // group
+    left, right = window
+    span = (left + right + 1) * group
+
+    def neighbourhoods(t: mx.array) -> mx.array:  # [B, H, N, D] -> [B, H, groups, span, D]
+        padded = mx.pad(t, [(0, 0), (0, 0), (left * group, right * group), (0, 0)])
+        shifted = [padded[:, :, j * group : j * group + N] for j in range(left + right + 1)]
+        return mx.concatenate([s.reshape(B, H, groups, group, D) for s in shifted], axis=3)
+
+    scores = (q.reshape(B, H, groups, group, D) * scale) @ neighbourhoods(k).swapaxes(-1, -2)
+    query_pos = mx.arange(N).reshape(groups, group, 1)
+    key_pos = (mx.arange(groups) * group - left * group).reshape(groups, 1, 1) + mx.arange(span)
+    visible = (
+        (key_pos >= query_pos - left * group)
+        & (key_pos <= query_pos + right * group)
+        & (key_pos >= 0)
+        & (key_pos < N)
+    )
+    scores = mx.where(visible, scores, -mx.inf)
+    weights = softmax(scores, axis=-1)
+    return (weights @ neighbourhoods(v)).reshape(B, H, N, D)
 
 
 def _check_activation(activation: str) -> None:

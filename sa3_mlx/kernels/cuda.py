@@ -27,6 +27,13 @@ from . import DyTParams, Kernels, NormParams, RMSNormParams
 MAX_HEAD_DIM = 256
 WARPS_PER_BLOCK = 4  # rows (one per warp) per thread block
 
+# Kernels.local_attention: warps per thread block, the most keys one query may see, the shared memory a
+# block may use (the static limit), and the most tokens a sequence attended whole may have.
+LOCAL_WARPS = 4
+LOCAL_MAX_KEYS = 64
+LOCAL_SHARED_BYTES = 48 * 1024
+LOCAL_MAX_WHOLE = 64
+
 # Head set kinds of Kernels.heads, as the kernel numbers them.
 _KIND = {"q": 0, "k": 1, "v": 2}
 
@@ -70,6 +77,33 @@ class CUDAKernels(Kernels):
             output_shapes=[(B, num_heads, N, head_dim)] * len(kinds),
             output_dtypes=[x.dtype] * len(kinds),
         )
+
+
+    def local_attention(
+        self,
+        queries: list[mx.array],
+        keys: list[mx.array],
+        values: mx.array,
+        scale: float,
+        window: tuple[int, int] | None = None,
+        group: int = 1,
+    ) -> mx.array:
+        plan = _local_plan(queries, keys, values, window, group)
+        if plan is None:
+            return super().local_attention(queries, keys, values, scale, window, group)
+        left, right, tile, keys_max = plan
+        B, H, N, D = values.shape
+        sets = len(queries)
+        kernel = _local_kernel(D, sets, left, right, tile, keys_max, float(scale))
+        tiles = -(-N // tile)
+        return kernel(
+            inputs=[*queries, *keys, values],
+            template=[("T", values.dtype)],
+            grid=(32 * LOCAL_WARPS * B * H * tiles, 1, 1),
+            threadgroup=(32 * LOCAL_WARPS, 1, 1),
+            output_shapes=[values.shape],
+            output_dtypes=[values.dtype],
+        )[0]
 
 
 def _norms_used(kinds: str, q_norm, k_norm) -> list:
@@ -156,7 +190,8 @@ def heads_source(kinds: str, head_dim: int, num_heads: int, rope_dims: int, rope
                 int p = i < HALF ? i : i - HALF;
                 float inv_freq = exp2f(-(static_cast<float>(p) / static_cast<float>(HALF)) * LOG2_BASE);
                 float theta = static_cast<float>(n) * inv_freq;
-                float c = cosf(theta), sn = sinf(theta);
+                float c, sn;
+                sincosf(theta, &sn, &c);
                 float x1 = rows[warp][p], x2 = rows[warp][p + HALF];
                 v[j] = i < HALF ? x1 * c - x2 * sn : x1 * sn + x2 * c;
             }
@@ -211,3 +246,148 @@ def heads_source(kinds: str, head_dim: int, num_heads: int, rope_dims: int, rope
            f"{'dyt' if dyt else 'rms' + format(eps or 0.0, '.0e').replace('-', 'm').replace('+', 'p')}"
            f"{'_m' if masked else ''}")
     return f"sa3_heads_{tag}", names, outputs, source
+
+
+def _local_shared_bytes(head_dim: int, sets: int, keys: int) -> int:
+    """Shared memory of one local-attention block: its keys' rows (padded by one float against bank
+    conflicts) for every set and the values, plus each warp's weights."""
+    return 4 * (keys * (head_dim + 1) * (sets + 1) + LOCAL_WARPS * keys)
+
+
+def _local_plan(queries, keys, values, window, group) -> tuple[int, int, int, int] | None:
+    """``(left, right, tile, keys)`` for the kernel (tokens a query sees on each side, queries per block, the
+    most keys a block holds), or None where it does not apply (then the reference runs)."""
+    if len(queries) not in (1, 2) or len(keys) != len(queries):
+        return None
+    arrays = [*queries, *keys, values]
+    if values.ndim != 4 or values.dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        return None
+    if any(a.shape != values.shape or a.dtype != values.dtype for a in arrays):
+        return None
+    N, D = values.shape[2], values.shape[3]
+    if D % 32 or D > 128:
+        return None
+    sets = len(queries)
+    if window is None:
+        # Every key: one block holds the whole sequence (SAME-S's chunks of 34 tokens).
+        if N > LOCAL_MAX_WHOLE or _local_shared_bytes(D, sets, N) > LOCAL_SHARED_BYTES:
+            return None
+        return N, N, N, N
+    left, right = window[0] * group, window[1] * group
+    if left < 0 or right < 0 or left + right + 1 > LOCAL_MAX_KEYS:
+        return None
+    for tile in (32, 16, 8):
+        if _local_shared_bytes(D, sets, tile + left + right) <= LOCAL_SHARED_BYTES:
+            return left, right, tile, tile + left + right
+    return None
+
+
+@functools.cache
+def _local_kernel(head_dim: int, sets: int, left: int, right: int, tile: int, keys_max: int, scale: float):
+    name, inputs, outputs, source = local_attention_source(head_dim, sets, left, right, tile, keys_max, scale)
+    return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=source)
+
+
+def local_attention_source(head_dim: int, sets: int, left: int, right: int, tile: int, keys_max: int,
+                           scale: float) -> tuple[str, list[str], list[str], str]:
+    """``(name, input names, output names, body)`` of the local-attention kernel for one configuration.
+
+    A block takes ``tile`` queries of one (batch, head) and copies the keys they can see (at most
+    ``keys_max``) and their values into shared memory as fp32; a warp then takes one query
+    at a time: the query in registers, a lane per key for the scores (the key rows padded by one
+    float, so 32 lanes read 32 banks), the softmax by warp shuffles, the second set's weights subtracted from the first's, and a
+    lane per pair of features for the weighted sum of the values. One rounding, at the end.
+    """
+    per_query = min(keys_max, left + right + 1)
+    chunks = -(-per_query // 32)
+    names = [f"q{s}" for s in range(sets)] + [f"k{s}" for s in range(sets)] + ["v"]
+    per_lane = head_dim // 32
+    query_of_set = " : ".join([f"s == {s} ? q{s}" for s in range(sets - 1)] + [f"q{sets - 1}"])
+    source = f"""
+    constexpr int D = {head_dim};
+    constexpr int SETS = {sets};
+    constexpr int LEFT = {left};
+    constexpr int RIGHT = {right};
+    constexpr int TILE = {tile};
+    constexpr int KMAX = {keys_max};
+    constexpr int CHUNKS = {chunks};
+    constexpr int PER_LANE = {per_lane};
+    constexpr int WARPS = {LOCAL_WARPS};
+    constexpr float SCALE = {_float_literal(scale)};
+    __shared__ float ks[SETS][KMAX][D + 1];
+    __shared__ float vs[KMAX][D + 1];
+    __shared__ float ps[WARPS][KMAX];
+
+    const int N = v_shape[2];
+    const int tiles = (N + TILE - 1) / TILE;
+    const long bh = blockIdx.x / tiles;
+    const int q_start = (blockIdx.x % tiles) * TILE;
+    const int q_end = min(N, q_start + TILE);
+    const int k_start = max(0, q_start - LEFT);
+    const int k_end = min(N, q_end + RIGHT);
+    const long base = bh * (long)N * D;
+
+    for (int idx = threadIdx.x; idx < (k_end - k_start) * D; idx += blockDim.x) {{
+        const int j = idx / D, d = idx % D;
+        const long at = base + (long)(k_start + j) * D + d;
+        ks[0][j][d] = static_cast<float>(k0[at]);
+        {"ks[1][j][d] = static_cast<float>(k1[at]);" if sets == 2 else ""}
+        vs[j][d] = static_cast<float>(v[at]);
+    }}
+    __syncthreads();
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    for (int i = q_start + warp; i < q_end; i += WARPS) {{
+        const int lo = max(0, i - LEFT);
+        const int count = min(N - 1, i + RIGHT) - lo + 1;
+        const int row0 = lo - k_start;
+        for (int s = 0; s < SETS; ++s) {{
+            // The query in registers (every lane reads the same row: one broadcast load per feature).
+            const T* qp = ({query_of_set}) + base + (long)i * D;
+            float qr[D];
+            #pragma unroll
+            for (int d = 0; d < D; ++d) qr[d] = static_cast<float>(qp[d]);
+            // A lane per key, all CHUNKS keys of a lane in one pass over the features.
+            const float* kr[CHUNKS];
+            float score[CHUNKS];
+            #pragma unroll
+            for (int c = 0; c < CHUNKS; ++c) {{
+                kr[c] = ks[s][row0 + min(c * 32 + lane, count - 1)];
+                score[c] = 0.0f;
+            }}
+            #pragma unroll
+            for (int d = 0; d < D; ++d) {{
+                #pragma unroll
+                for (int c = 0; c < CHUNKS; ++c) score[c] += qr[d] * kr[c][d];
+            }}
+            float top = -INFINITY;
+            for (int c = 0; c < CHUNKS; ++c) {{
+                score[c] = c * 32 + lane < count ? score[c] * SCALE : -INFINITY;
+                top = fmaxf(top, score[c]);
+            }}
+            for (int o = 16; o > 0; o /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, o));
+            float total = 0.0f;
+            for (int c = 0; c < CHUNKS; ++c) {{
+                score[c] = c * 32 + lane < count ? expf(score[c] - top) : 0.0f;
+                total += score[c];
+            }}
+            for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffff, total, o);
+            const float inv = 1.0f / total;
+            for (int c = 0; c < CHUNKS; ++c) {{
+                const int j = c * 32 + lane;
+                if (j < count) ps[warp][j] = s == 0 ? score[c] * inv : ps[warp][j] - score[c] * inv;
+            }}
+            __syncwarp();
+        }}
+        for (int p = 0; p < PER_LANE; ++p) {{
+            const int d = lane + 32 * p;
+            float acc = 0.0f;
+            for (int j = 0; j < count; ++j) acc += ps[warp][j] * vs[row0 + j][d];
+            out[base + (long)i * D + d] = static_cast<T>(acc);
+        }}
+        __syncwarp();
+    }}
+"""
+    tag = f"d{head_dim}_s{sets}_l{left}_r{right}_t{tile}_k{keys_max}_sc{int(round(scale * 1e6))}"
+    return f"sa3_local_attention_{tag}", names, ["out"], source

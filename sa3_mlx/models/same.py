@@ -38,7 +38,7 @@ import numpy as np
 from .. import kernels
 from ..kernels import DyTParams
 from ..weights import NpzWeights, WeightError, count_indexed, load_strict, require, shape_of
-from .layers import merge_heads, split_heads
+from .layers import merge_heads
 
 FAMILIES = ("s", "l")
 ROLES = ("encoder", "decoder")
@@ -315,44 +315,12 @@ class DyT(nn.Module):
         return DyTParams(self.alpha, self.gamma, self.beta)
 
 
-def banded_attention(
-    q: mx.array, k: mx.array, v: mx.array, group: int, window: tuple[int, int], scale: float
-) -> mx.array:
-    """Attention where token i sees tokens ``i - left*group .. i + right*group`` (``[B, H, N, D]``).
-
-    Queries are taken ``group`` at a time; each group gathers the keys of the
-    ``left + right + 1`` groups around it, so memory is O(N), not O(N^2).
-    """
-    B, H, N, D = q.shape
-    groups = N // group
-    left, right = window
-    span = (left + right + 1) * group
-
-    def neighbourhoods(t: mx.array) -> mx.array:  # [B, H, N, D] -> [B, H, groups, span, D]
-        padded = mx.pad(t, [(0, 0), (0, 0), (left * group, right * group), (0, 0)])
-        shifted = [padded[:, :, j * group : j * group + N] for j in range(left + right + 1)]
-        return mx.concatenate([s.reshape(B, H, groups, group, D) for s in shifted], axis=3)
-
-    scores = (q.reshape(B, H, groups, group, D) * scale) @ neighbourhoods(k).swapaxes(-1, -2)
-    query_pos = mx.arange(N).reshape(groups, group, 1)
-    key_pos = (mx.arange(groups) * group - left * group).reshape(groups, 1, 1) + mx.arange(span)
-    visible = (
-        (key_pos >= query_pos - left * group)
-        & (key_pos <= query_pos + right * group)
-        & (key_pos >= 0)
-        & (key_pos < N)
-    )
-    scores = mx.where(visible, scores, -mx.inf)
-    weights = kernels.active().softmax(scores, axis=-1)
-    return (weights @ neighbourhoods(v)).reshape(B, H, N, D)
-
-
 class SAMEAttention(nn.Module):
     """Differential self-attention with DyT q/k norms and RoPE (upstream ``Attention``).
 
     Full attention (SAME-S chunks) is the kernels backend's fused
-    :meth:`~sa3_mlx.kernels.Kernels.self_attention`; SAME-L's sliding window is
-    :func:`banded_attention` over the main and diff heads together.
+    :meth:`~sa3_mlx.kernels.Kernels.self_attention`; SAME-L's sliding window is its
+    :meth:`~sa3_mlx.kernels.Kernels.local_attention` with a window.
     """
 
     def __init__(self, config: SAMEConfig):
@@ -379,17 +347,11 @@ class SAMEAttention(nn.Module):
                 self.rope_dims, self.rope_base, differential=True,
             )
             return self.to_out(out)
-        q, k, v, q_diff, k_diff = mx.split(qkv, 5, axis=-1)
-        # Main and differential maps run as one banded attention over 2H heads on shared values.
-        queries = mx.concatenate([split_heads(q, self.num_heads), split_heads(q_diff, self.num_heads)], axis=1)
-        keys = mx.concatenate([split_heads(k, self.num_heads), split_heads(k_diff, self.num_heads)], axis=1)
-        values = mx.tile(split_heads(v, self.num_heads), (1, 2, 1, 1))
         ops = kernels.active()
-        queries = ops.rope(self.q_norm(queries), self.rope_dims, self.rope_base)
-        keys = ops.rope(self.k_norm(keys), self.rope_dims, self.rope_base)
-        out = banded_attention(queries, keys, values, self.group, window, self.scale)
-        main, diff = mx.split(out, 2, axis=1)
-        return self.to_out(merge_heads(main - diff))
+        q, k, v, q_diff, k_diff = ops.heads(qkv, self.num_heads, "qkvqk", self.q_norm.params, self.k_norm.params,
+                                            self.rope_dims, self.rope_base)
+        out = ops.local_attention([q, q_diff], [k, k_diff], v, self.scale, window, self.group)
+        return self.to_out(merge_heads(out))
 
 
 class SAMEFeedForward(nn.Module):
