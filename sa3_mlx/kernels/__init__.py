@@ -318,16 +318,15 @@ class Kernels:
 
 
 def banded_attention(
-    q: mx.array, k: mx.array, v: mx.array, group: int, window: tuple[int, int], scale: float, softmax=None,
+    q: mx.array, k: mx.array, v: mx.array, group: int, window: tuple[int, int], scale: float, softmax,
 ) -> mx.array:
     """Attention where token i sees tokens ``i - left*group .. i + right*group`` (``[B, H, N, D]``, N a
     multiple of ``group``).
 
     Queries are taken ``group`` at a time; each group gathers the keys of the
     ``left + right + 1`` groups around it, so memory is O(N), not O(N^2). ``softmax``: the
-    backend's (default: MLX's, in fp32).
+    backend's (:meth:`Kernels.softmax`).
     """
-    softmax = softmax or (lambda x, axis: mx.softmax(x, axis=axis, precise=True))
     B, H, N, D = q.shape
     groups = N // group
     left, right = window

@@ -67,7 +67,7 @@ class CUDAKernels(Kernels):
         if masked:
             inputs.append(value_mask.reshape(B, N))
         eps = norms[0].eps if norms and not dyt else None
-        kernel = _heads_kernel(kinds, head_dim, num_heads, rope_dims, float(rope_base), dyt, eps, masked)
+        kernel = _kernel(heads_source, kinds, head_dim, num_heads, rope_dims, float(rope_base), dyt, eps, masked)
         rows = B * N * len(kinds) * num_heads
         return kernel(
             inputs=inputs,
@@ -77,7 +77,6 @@ class CUDAKernels(Kernels):
             output_shapes=[(B, num_heads, N, head_dim)] * len(kinds),
             output_dtypes=[x.dtype] * len(kinds),
         )
-
 
     def local_attention(
         self,
@@ -94,7 +93,7 @@ class CUDAKernels(Kernels):
         left, right, tile, keys_max = plan
         B, H, N, D = values.shape
         sets = len(queries)
-        kernel = _local_kernel(D, sets, left, right, tile, keys_max, float(scale))
+        kernel = _kernel(local_attention_source, D, sets, left, right, tile, keys_max, float(scale))
         tiles = -(-N // tile)
         return kernel(
             inputs=[*queries, *keys, values],
@@ -132,10 +131,10 @@ def _float_literal(value: float) -> str:
 
 
 @functools.cache
-def _heads_kernel(kinds: str, head_dim: int, num_heads: int, rope_dims: int, rope_base: float, dyt: bool,
-                  eps: float | None, masked: bool):
-    """The kernel for one configuration (its constants are compiled in, so each has its own name)."""
-    name, inputs, outputs, source = heads_source(kinds, head_dim, num_heads, rope_dims, rope_base, dyt, eps, masked)
+def _kernel(source_of, *config):
+    """The kernel ``source_of(*config)`` describes, built once per configuration (its constants are compiled
+    in, so each has its own name)."""
+    name, inputs, outputs, source = source_of(*config)
     return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=source)
 
 
@@ -282,12 +281,6 @@ def _local_plan(queries, keys, values, window, group) -> tuple[int, int, int, in
     return None
 
 
-@functools.cache
-def _local_kernel(head_dim: int, sets: int, left: int, right: int, tile: int, keys_max: int, scale: float):
-    name, inputs, outputs, source = local_attention_source(head_dim, sets, left, right, tile, keys_max, scale)
-    return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=source)
-
-
 def local_attention_source(head_dim: int, sets: int, left: int, right: int, tile: int, keys_max: int,
                            scale: float) -> tuple[str, list[str], list[str], str]:
     """``(name, input names, output names, body)`` of the local-attention kernel for one configuration.
@@ -295,8 +288,9 @@ def local_attention_source(head_dim: int, sets: int, left: int, right: int, tile
     A block takes ``tile`` queries of one (batch, head) and copies the keys they can see (at most
     ``keys_max``) and their values into shared memory as fp32; a warp then takes one query
     at a time: the query in registers, a lane per key for the scores (the key rows padded by one
-    float, so 32 lanes read 32 banks), the softmax by warp shuffles, the second set's weights subtracted from the first's, and a
-    lane per pair of features for the weighted sum of the values. One rounding, at the end.
+    float, so 32 lanes read 32 banks), the softmax by warp shuffles, the second set's weights
+    subtracted from the first's, and a lane per feature (``head_dim / 32`` each) for the weighted sum
+    of the values. One rounding, at the end.
     """
     per_query = min(keys_max, left + right + 1)
     chunks = -(-per_query // 32)
