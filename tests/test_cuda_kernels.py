@@ -13,7 +13,7 @@ import pytest
 
 from sa3_mlx import kernels
 from sa3_mlx.kernels import DyTParams, RMSNormParams
-from sa3_mlx.kernels.cuda import LOCAL_MAX_WHOLE, MAX_HEAD_DIM, _kernel_applies, _local_plan
+from sa3_mlx.kernels.cuda import LOCAL_MAX_WHOLE, MAX_HEAD_DIM, _banded_mma_plan, _kernel_applies, _local_plan
 from sa3_mlx.models.dit import DiT, DiTConfig
 from sa3_mlx.models.same import SAMEConfig, build_same
 
@@ -149,6 +149,23 @@ def test_local_attention_kernel_takes_only_what_it_computes():
     assert _local_plan(sets(2, H=1), k, v, None, 1) is None  # shapes disagree
 
 
+def test_tensor_core_local_attention_takes_half_precision_windows_only():
+    def sets(n, N=170, D=64, dtype=mx.float16):
+        return [mx.zeros((1, 2, N, D), dtype=dtype) for _ in range(n)]
+
+    # SAME-L: +-17 tokens, 16 queries see 50 keys (64 as tiles), 4 warps of 16 queries per block
+    assert _banded_mma_plan(sets(2), sets(2), sets(1)[0], (1, 1), 17) == (17, 17, 4, 64)
+    assert _banded_mma_plan(sets(1, dtype=mx.bfloat16), sets(1, dtype=mx.bfloat16), sets(1, dtype=mx.bfloat16)[0],
+                            (1, 1), 17) is not None
+    fp32 = sets(3, dtype=mx.float32)
+    assert _banded_mma_plan(fp32[:2], fp32[:2], fp32[2], (1, 1), 17) is None  # fp32 keeps the SIMT kernel
+    assert _banded_mma_plan(sets(2), sets(2), sets(1)[0], None, 1) is None  # whole sequences: the SIMT kernel
+    assert _banded_mma_plan(sets(2), sets(2), sets(1)[0], (4, 4), 17) is None  # 16 queries would see > 128 keys
+    assert _banded_mma_plan(sets(2, D=48), sets(2, D=48), sets(1, D=48)[0], (1, 1), 17) is None  # width
+    assert _banded_mma_plan(sets(2, D=128), sets(2, D=128), sets(1, D=128)[0], (1, 1), 17) is None  # shared memory
+    assert _banded_mma_plan(sets(2), sets(1), sets(1)[0], (1, 1), 17) is None  # sets disagree
+
+
 LOCAL_CASES = [
     # sets, heads, N, head_dim, window, group
     (2, 3, 34, 64, None, 1),  # SAME-S chunks
@@ -174,18 +191,33 @@ def test_local_attention_kernel_equals_the_reference_in_fp32(sets, heads, N, hea
     assert_close(got, want, atol=2e-5, rtol=2e-5, what="local attention")
 
 
+HALF_CASES = [
+    # sets, heads, N, head_dim, window, group: the tensor-core kernel unless noted
+    (2, 4, 17 * 24, 64, (1, 1), 17),  # SAME-L
+    (2, 2, 96, 64, (2, 1), 8),  # asymmetric, a partial last block
+    (1, 3, 68, 64, (1, 1), 17),  # one set
+    (2, 2, 17, 64, (1, 1), 17),  # shorter than one warp's keys
+    (2, 1, 306, 32, (1, 1), 17),  # narrower heads
+    (2, 2, 132, 64, (0, 3), 4),  # keys only to the right
+    (2, 1, 204, 128, (1, 1), 17),  # wider heads: the SIMT kernel
+]
+
+
 @on_cuda
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-def test_local_attention_kernel_in_half_precision_is_as_close_to_fp32_as_the_reference(dtype):
-    B, H, N, D = 1, 4, 17 * 24, 64
-    q = [normal(B, H, N, D, seed=s) for s in range(2)]
-    k = [normal(B, H, N, D, seed=10 + s) for s in range(2)]
-    v = normal(B, H, N, D, seed=20)
-    exact = np.array(REF.local_attention(q, k, v, 0.125, (1, 1), 17))
+@pytest.mark.parametrize("sets,heads,N,head_dim,window,group", HALF_CASES)
+def test_local_attention_kernel_in_half_precision_is_as_close_to_fp32_as_the_reference(
+        dtype, sets, heads, N, head_dim, window, group):
+    B, scale = 2, head_dim**-0.5
+    q = [normal(B, heads, N, head_dim, seed=s) for s in range(sets)]
+    k = [normal(B, heads, N, head_dim, seed=10 + s) for s in range(sets)]
+    v = normal(B, heads, N, head_dim, seed=20)
+    exact = np.array(REF.local_attention(q, k, v, scale, window, group))
     half = lambda arrays: [a.astype(dtype) for a in arrays]  # noqa: E731
-    got = CUDA.local_attention(half(q), half(k), v.astype(dtype), 0.125, (1, 1), 17)
-    ref = REF.local_attention(half(q), half(k), v.astype(dtype), 0.125, (1, 1), 17)
-    assert got.dtype == dtype
+    assert (_banded_mma_plan(half(q), half(k), v.astype(dtype), window, group) is None) == (head_dim == 128)
+    got = CUDA.local_attention(half(q), half(k), v.astype(dtype), scale, window, group)
+    ref = REF.local_attention(half(q), half(k), v.astype(dtype), scale, window, group)
+    assert got.dtype == dtype and got.shape == ref.shape
     err_kernel = np.sqrt(np.mean((np.array(got.astype(mx.float32)) - exact) ** 2))
     err_reference = np.sqrt(np.mean((np.array(ref.astype(mx.float32)) - exact) ** 2))
     assert err_kernel <= err_reference * 1.02, (err_kernel, err_reference)
@@ -203,3 +235,17 @@ def test_same_decoder_under_the_cuda_backend_equals_the_reference(family):
         with kernels.use(backend):
             outs.append(np.array(decoder(latents)))
     assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5, what="SAME decoder output")
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype,window,group", [(mx.float32, None, 1), (mx.float32, (1, 1), 17),
+                                                (mx.float16, (1, 1), 17), (mx.bfloat16, (2, 1), 8)])
+def test_local_attention_kernels_write_merged_heads_as_merge_heads_would(dtype, window, group):
+    B, H, N, D = 2, 3, 34 if window is None else 170, 64
+    q = [normal(B, H, N, D, seed=s, scale=0.5).astype(dtype) for s in range(2)]
+    k = [normal(B, H, N, D, seed=10 + s, scale=0.5).astype(dtype) for s in range(2)]
+    v = normal(B, H, N, D, seed=20).astype(dtype)
+    heads = CUDA.local_attention(q, k, v, 0.125, window, group)
+    merged = CUDA.local_attention(q, k, v, 0.125, window, group, merged=True)
+    assert merged.shape == (B, N, H * D) and merged.dtype == dtype
+    assert np.array_equal(np.array(merged.astype(mx.float32)), np.array(kernels.merge_heads(heads).astype(mx.float32)))

@@ -490,3 +490,15 @@ def test_the_numpy_workers_use_one_blas_thread_also_when_another_thread_calls_th
         pytest.skip("this OpenBLAS has no openblas_set_num_threads_local")
     assert seen and set(seen) == {1}, seen
     assert workers.blas.num_threads == before
+
+
+@pytest.mark.parametrize("window", [None, (1, 1)])
+def test_local_attention_merged_is_merge_heads_of_the_heads(window):
+    ref = kernels.reference()
+    q = [mx.random.normal((2, 3, 34, 16), key=mx.random.key(s)) for s in range(2)]
+    k = [mx.random.normal((2, 3, 34, 16), key=mx.random.key(10 + s)) for s in range(2)]
+    v = mx.random.normal((2, 3, 34, 16), key=mx.random.key(20))
+    heads = ref.local_attention(q, k, v, 0.25, window, 17)
+    merged = ref.local_attention(q, k, v, 0.25, window, 17, merged=True)
+    assert merged.shape == (2, 34, 48)
+    assert np.array_equal(np.array(merged), np.array(kernels.merge_heads(heads)))

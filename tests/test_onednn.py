@@ -199,6 +199,46 @@ def test_a_full_size_product_is_within_bf16_accuracy_of_fp32():
     assert snr_db(x @ w.T, y) > 50  # two bf16 roundings (8-bit mantissas), fp32 sums: ~55 dB measured
 
 
+@needs_onednn
+def test_the_shared_scratch_leaves_every_result_intact():
+    """The bf16 copy of x lives in one buffer for all products (grown to the largest): results of
+    earlier calls, other weights and other row counts, and of other threads stay what they were."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    sizes = [(96, 80, True), (256, 48, False), (32, 512, True)]  # (in, out, bias)
+    weights = []
+    for k, n, bias in sizes:
+        bits = onednn.bf16_bits(rng.standard_normal((n, k), dtype=np.float32))
+        b = rng.standard_normal(n, dtype=np.float32) if bias else None
+        weights.append((onednn.BF16Weight(bits, b), bits, b))
+    live = []
+    for m in (300, 3, 64, 1, 300, 17):  # the scratch grows, then smaller products reuse it
+        for weight, bits, b in weights:
+            x = rng.standard_normal((m, weight.k), dtype=np.float32)
+            live.append((weight(x), x, bits, b))
+    assert len({y.ctypes.data for y, *_ in live}) == len(live)  # a new output per call
+    for y, x, bits, b in live:  # all checked after the last call
+        np.testing.assert_allclose(y, exact_bf16_product(x, bits, b), rtol=0, atol=2e-5)
+
+    errors = []
+
+    def worker(seed: int) -> None:
+        r = np.random.default_rng(seed)
+        for _ in range(20):
+            weight, bits, b = weights[int(r.integers(len(weights)))]
+            x = r.standard_normal((int(r.integers(1, 200)), weight.k), dtype=np.float32)
+            if not np.allclose(weight(x), exact_bf16_product(x, bits, b), rtol=0, atol=2e-5):
+                errors.append(seed)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
 # ---------------------------------------------------------------- layers and the pipeline
 
 
@@ -234,8 +274,21 @@ def test_the_glu_adds_the_bias_in_the_product():
     x = mx.random.normal((2, 150, 128))
     expected = kernels.reference().glu(proj(x), "silu")
     onednn.use_bf16_products(proj)
-    got = cpu.CPUKernels().linear_glu(x, proj, "silu")
+    backend_ = cpu.CPUKernels()
+    got = backend_.linear_glu(x, proj, "silu")
     assert snr_db(np.array(expected), np.array(got)) > 40
+    # The numpy product goes straight into the host GLU (no MLX copy between): the same bits as the GLU
+    # of the layer's MLX output, for both activations, and for an input too small for the host GLU.
+    for shape in ((2, 150, 128), (1, 3, 128)):
+        x = mx.random.normal(shape)
+        for activation in kernels.GLU_ACTIVATIONS:
+            via_mlx = np.array(backend_.glu(proj(x), activation))
+            direct = np.array(backend_.linear_glu(x, proj, activation))
+            assert direct.shape == via_mlx.shape == (*shape[:-1], 96)
+            assert np.array_equal(direct.view(np.uint32), via_mlx.view(np.uint32))
+    host = proj.host_product(x)
+    assert isinstance(host, np.ndarray) and host.shape == (1, 3, 2 * 96)
+    assert np.array_equal(host, np.array(proj(x)))
 
 
 @needs_onednn

@@ -95,9 +95,15 @@ def run(request, model, golden):
     after, _ = opt.update(params, grads)
     loss2, grads2 = step.loss_and_grad(after, batch)
     after2, _ = opt.update(after, grads2)
-    mx.eval(out, loss, grads, after, loss2, grads2, after2)
+    # The second gradient where upstream took it: at its own tensors after step 1. At ours, AdamW's first step
+    # (g / (|g| + eps)) turns the rounding of gradients near eps into parameter differences that move grad2
+    # (on a GPU by 1.4x the bound in the lora case, while grad2 at upstream's tensors is within 1e-7 of a
+    # float64 computation there); the chain through our own step is what after2 checks.
+    case_after = {k: mx.array(case["after/" + k]) for k in params}
+    _, grads2_at_case = step.loss_and_grad(case_after, batch)
+    mx.eval(out, loss, grads, after, loss2, grads2, after2, grads2_at_case)
     return dict(name=name, case=case, lora=lora, params=params, out=out, loss=loss, grads=grads, after=after,
-                loss2=loss2, grads2=grads2, after2=after2)
+                loss2=loss2, grads2=grads2, after2=after2, grads2_at_case=grads2_at_case)
 
 
 def test_targets_and_initial_values(run):
@@ -140,7 +146,7 @@ def test_every_gradient(run):
     if stored2:
         scale2 = max(float(np.abs(case["grad2/" + k]).max()) for k in stored2)
         for key in stored2:
-            close(run["grads2"][key], case["grad2/" + key], f"grad2 {key}", scale=scale2)
+            close(run["grads2_at_case"][key], case["grad2/" + key], f"grad2 {key}", scale=scale2)
     if run["name"] == "trainlora":  # CAUSAL context: the local-embed LoRA gets gradient
         assert any(np.abs(case["grad/" + k]).max() > 0 for k in grads if "to_local_embed.0" in k)
 

@@ -254,7 +254,7 @@ class Kernels:
         """
         q, k, values, *diff = self.heads(qkv, num_heads, "qkvqk" if differential else "qkv", q_norm, k_norm,
                                          rope_dims, rope_base, value_mask)
-        return merge_heads(self.local_attention([q, *diff[:1]], [k, *diff[1:]], values, scale))
+        return self.local_attention([q, *diff[:1]], [k, *diff[1:]], values, scale, merged=True)
 
     def local_attention(
         self,
@@ -264,6 +264,7 @@ class Kernels:
         scale: float,
         window: tuple[int, int] | None = None,
         group: int = 1,
+        merged: bool = False,
     ) -> mx.array:
         """Attention of ``[B, H, N, D]`` heads where query ``i`` sees the keys ``j`` with
         ``i - left * group <= j <= i + right * group`` (``window = (left, right)``), or every key (None).
@@ -271,7 +272,13 @@ class Kernels:
         ``queries`` and ``keys`` hold one set, or two for differential attention: the second set's map
         is subtracted, ``softmax(q0 k0^T) v - softmax(q1 k1^T) v``. A window is computed by
         :func:`banded_attention` (memory O(N), not O(N^2)), both sets as one attention over 2H heads.
+        ``merged``: the heads merged, ``[B, N, H D]`` (what an output projection reads), instead of
+        ``[B, H, N, D]``.
         """
+        out = self._local_attention(queries, keys, values, scale, window, group)
+        return merge_heads(out) if merged else out
+
+    def _local_attention(self, queries, keys, values, scale, window, group) -> mx.array:
         if len(queries) != len(keys) or len(queries) not in (1, 2):
             raise ValueError(f"one or two query/key sets, got {len(queries)} and {len(keys)}")
         if window is None:

@@ -145,43 +145,22 @@ class CPUKernels(Kernels):
         _check_activation(activation)
         if (a := on_host(x)) is None:
             return super().glu(x, activation, bias)
-        rows = a.reshape(-1, a.shape[-1])
-        half = rows.shape[1] // 2
-        value_bias, gate_bias = (None, None) if bias is None else np.split(np.asarray(bias, dtype=np.float32), 2)
-        out = np.empty((rows.shape[0], half), dtype=np.float32)
-        block = max(1, _GLU_BLOCK_BYTES // (4 * half))
-
-        def run(part: slice) -> None:
-            scratch = np.empty((block, half), dtype=np.float32)
-            for start in range(part.start, part.stop, block):
-                stop = min(start + block, part.stop)
-                value, gate = rows[start:stop, :half], rows[start:stop, half:]
-                o, t = out[start:stop], scratch[: stop - start]
-                if gate_bias is not None:
-                    np.add(gate, gate_bias, out=o)
-                    gate = o
-                if activation == "silu":
-                    np.negative(gate, out=t)
-                    np.exp(t, out=t)
-                    t += 1.0
-                    np.divide(gate, t, out=o)
-                else:
-                    np.multiply(gate, np.float32(math.pi), out=o)
-                    np.sin(o, out=o)
-                if value_bias is not None:
-                    np.add(value, value_bias, out=t)
-                    value = t
-                o *= value
-
-        Workers.shared().split(rows.shape[0], run)
-        return mx.array(out.reshape(*a.shape[:-1], half))
+        return _glu_on_host(a, activation, bias)
 
     def linear_glu(self, x: mx.array, proj: nn.Linear, activation: str = "silu") -> mx.array:
         """The bias is added inside the GLU pass, not by the product (MLX's CPU ``addmm``
         first copies the bias into the whole output: 33 ms of a SAME-S block's 245 ms
-        product at 30 s, measured)."""
+        product at 30 s, measured). A bf16 layer (oneDNN, bias in the product) hands its
+        numpy result straight to the host GLU: no MLX copy of the product's output (the
+        widest of a DiT block)."""
+        if isinstance(proj, onednn.BF16Linear):
+            a = proj.host_product(x)
+            if a is None or a.size < NUMPY_MIN_ELEMENTS:  # where glu(proj(x)) would not run on the host
+                return self.glu(proj(x) if a is None else mx.array(a), activation)
+            _check_activation(activation)
+            return _glu_on_host(a, activation)
         bias = getattr(proj, "bias", None) if "bias" in proj else None
-        if bias is None or x.dtype != mx.float32 or isinstance(proj, onednn.BF16Linear):  # oneDNN adds it itself
+        if bias is None or x.dtype != mx.float32:
             return self.glu(proj(x), activation)
         return self.glu(x @ _dense(proj).T, activation, bias)
 
@@ -251,6 +230,41 @@ class CPUKernels(Kernels):
         rope = rope_table(host.shape[1], rope_dims, rope_base) if rope_dims else None
         mask = None if value_mask is None else np.asarray(value_mask, dtype=np.float32).reshape(host.shape[0], -1)
         return self_attention_on_host(host, num_heads, differential, normalize, rope, scale, mask)
+
+
+def _glu_on_host(a: np.ndarray, activation: str, bias: mx.array | None = None) -> mx.array:
+    """:meth:`CPUKernels.glu` on the fp32 numpy array ``a`` (``[..., 2 * half]``: value, gate) -> a new
+    MLX array ``[..., half]``."""
+    rows = a.reshape(-1, a.shape[-1])
+    half = rows.shape[1] // 2
+    value_bias, gate_bias = (None, None) if bias is None else np.split(np.asarray(bias, dtype=np.float32), 2)
+    out = np.empty((rows.shape[0], half), dtype=np.float32)
+    block = max(1, _GLU_BLOCK_BYTES // (4 * half))
+
+    def run(part: slice) -> None:
+        scratch = np.empty((block, half), dtype=np.float32)
+        for start in range(part.start, part.stop, block):
+            stop = min(start + block, part.stop)
+            value, gate = rows[start:stop, :half], rows[start:stop, half:]
+            o, t = out[start:stop], scratch[: stop - start]
+            if gate_bias is not None:
+                np.add(gate, gate_bias, out=o)
+                gate = o
+            if activation == "silu":
+                np.negative(gate, out=t)
+                np.exp(t, out=t)
+                t += 1.0
+                np.divide(gate, t, out=o)
+            else:
+                np.multiply(gate, np.float32(math.pi), out=o)
+                np.sin(o, out=o)
+            if value_bias is not None:
+                np.add(value, value_bias, out=t)
+                value = t
+            o *= value
+
+    Workers.shared().split(rows.shape[0], run)
+    return mx.array(out.reshape(*a.shape[:-1], half))
 
 
 _SCRATCH = threading.local()

@@ -33,6 +33,8 @@ LOCAL_WARPS = 4
 LOCAL_MAX_KEYS = 64
 LOCAL_SHARED_BYTES = 48 * 1024
 LOCAL_MAX_WHOLE = 64
+# The tensor-core form (half precision, a window): the most keys 16 queries may see together.
+BANDED_MAX_SPAN = 128
 
 # Head set kinds of Kernels.heads, as the kernel numbers them.
 _KIND = {"q": 0, "k": 1, "v": 2}
@@ -68,11 +70,11 @@ class CUDAKernels(Kernels):
             inputs.append(value_mask.reshape(B, N))
         eps = norms[0].eps if norms and not dyt else None
         kernel = _kernel(heads_source, kinds, head_dim, num_heads, rope_dims, float(rope_base), dyt, eps, masked)
-        rows = B * N * len(kinds) * num_heads
+        warps = B * N * num_heads  # one per (token, head), for all of its head sets
         return kernel(
             inputs=inputs,
             template=[("T", x.dtype)],
-            grid=(32 * rows, 1, 1),
+            grid=(32 * warps, 1, 1),
             threadgroup=(32 * WARPS_PER_BLOCK, 1, 1),
             output_shapes=[(B, num_heads, N, head_dim)] * len(kinds),
             output_dtypes=[x.dtype] * len(kinds),
@@ -86,21 +88,30 @@ class CUDAKernels(Kernels):
         scale: float,
         window: tuple[int, int] | None = None,
         group: int = 1,
+        merged: bool = False,
     ) -> mx.array:
-        plan = _local_plan(queries, keys, values, window, group)
-        if plan is None:
-            return super().local_attention(queries, keys, values, scale, window, group)
-        left, right, tile, keys_max = plan
         B, H, N, D = values.shape
         sets = len(queries)
-        kernel = _kernel(local_attention_source, D, sets, left, right, tile, keys_max, float(scale))
-        tiles = -(-N // tile)
+        banded = _banded_mma_plan(queries, keys, values, window, group)
+        if banded is not None:  # half precision, a window: tensor cores, 16 queries per warp
+            left, right, warps, span = banded
+            bf16 = values.dtype == mx.bfloat16
+            kernel = _kernel(banded_mma_source, D, sets, left, right, warps, span, float(scale), bf16, merged)
+            queries_per_block = 16 * warps
+        else:
+            plan = _local_plan(queries, keys, values, window, group)
+            if plan is None:
+                return super().local_attention(queries, keys, values, scale, window, group, merged)
+            left, right, tile, keys_max = plan
+            kernel = _kernel(local_attention_source, D, sets, left, right, tile, keys_max, float(scale), merged)
+            warps, queries_per_block = LOCAL_WARPS, tile
+        blocks = B * H * -(-N // queries_per_block)
         return kernel(
             inputs=[*queries, *keys, values],
             template=[("T", values.dtype)],
-            grid=(32 * LOCAL_WARPS * B * H * tiles, 1, 1),
-            threadgroup=(32 * LOCAL_WARPS, 1, 1),
-            output_shapes=[values.shape],
+            grid=(32 * warps * blocks, 1, 1),
+            threadgroup=(32 * warps, 1, 1),
+            output_shapes=[(B, N, H * D) if merged else values.shape],
             output_dtypes=[values.dtype],
         )[0]
 
@@ -142,9 +153,10 @@ def heads_source(kinds: str, head_dim: int, num_heads: int, rope_dims: int, rope
                  eps: float | None, masked: bool) -> tuple[str, list[str], list[str], str]:
     """``(name, input names, output names, body)`` of the heads kernel for one configuration.
 
-    One warp per row of ``head_dim`` features (row order = the projection's: token, set, head), so a
-    warp reads and writes 2 * head_dim contiguous bytes; the row goes through shared memory for
-    RoPE's pairing of feature i with i + rope_dims / 2.
+    One warp per (token, head), making that head's row of ``head_dim`` features in every set (a warp
+    reads and writes 2 * head_dim contiguous bytes per row); the RoPE angles of the token are formed once
+    for all of its query and key rows, and each row goes through shared memory for RoPE's pairing of
+    feature i with i + rope_dims / 2.
     """
     names = ["x"]
     for kind in "qk":
@@ -175,6 +187,25 @@ def heads_source(kinds: str, head_dim: int, num_heads: int, rope_dims: int, rope
             if (i < D) v[j] = v[j] * inv * static_cast<float>({kind}_weight[i]);
         }}"""
 
+    angles_code = "" if not rope_dims else """
+    // The token's RoPE angles, as MLX's own kernel forms them, once for all of its q and k rows.
+    constexpr int HALF = ROPE / 2;
+    float cos_of[PER_LANE], sin_of[PER_LANE];
+    for (int j = 0; j < PER_LANE; ++j) {
+        int i = lane + 32 * j;
+        cos_of[j] = 1.0f;
+        sin_of[j] = 0.0f;
+        if (i < ROPE) {
+            int p = i < HALF ? i : i - HALF;
+            float inv_freq = exp2f(-(static_cast<float>(p) / static_cast<float>(HALF)) * LOG2_BASE);
+            float theta = static_cast<float>(n) * inv_freq;
+            float c, sn;
+            sincosf(theta, &sn, &c);
+            cos_of[j] = c;
+            sin_of[j] = sn;
+        }
+    }
+"""
     rope_code = "" if not rope_dims else """
     if (kind != 2) {
         for (int j = 0; j < PER_LANE; ++j) {
@@ -182,19 +213,15 @@ def heads_source(kinds: str, head_dim: int, num_heads: int, rope_dims: int, rope
             if (i < D) rows[warp][i] = v[j];
         }
         __syncwarp();
-        constexpr int HALF = ROPE / 2;
         for (int j = 0; j < PER_LANE; ++j) {
             int i = lane + 32 * j;
             if (i < ROPE) {
                 int p = i < HALF ? i : i - HALF;
-                float inv_freq = exp2f(-(static_cast<float>(p) / static_cast<float>(HALF)) * LOG2_BASE);
-                float theta = static_cast<float>(n) * inv_freq;
-                float c, sn;
-                sincosf(theta, &sn, &c);
                 float x1 = rows[warp][p], x2 = rows[warp][p + HALF];
-                v[j] = i < HALF ? x1 * c - x2 * sn : x1 * sn + x2 * c;
+                v[j] = i < HALF ? x1 * cos_of[j] - x2 * sin_of[j] : x1 * sin_of[j] + x2 * cos_of[j];
             }
         }
+        __syncwarp();  // the next set's row overwrites this one
     }
 """
     source = f"""
@@ -211,17 +238,16 @@ def heads_source(kinds: str, head_dim: int, num_heads: int, rope_dims: int, rope
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const long N = x_shape[1];
-    const long total = (long)x_shape[0] * N * S * H;
-    const long r = (long)blockIdx.x * {WARPS_PER_BLOCK} + warp;
-    if (r >= total) return;
-    const int h = r % H;
-    const int s = (r / H) % S;
-    const long bn = r / (H * S);
+    const long item = (long)blockIdx.x * {WARPS_PER_BLOCK} + warp;  // (token, head)
+    if (item >= (long)x_shape[0] * N * H) return;
+    const int h = item % H;
+    const long bn = item / H;
     const long n = bn % N;
     const long b = bn / N;
+{angles_code}
+    for (int s = 0; s < S; ++s) {{
     const int kind = kind_of_set[s];
-
-    const T* src = x + r * D;
+    const T* src = x + ((bn * S + s) * H + h) * D;
     float v[PER_LANE];
     float ss = 0.0f;
     for (int j = 0; j < PER_LANE; ++j) {{
@@ -239,6 +265,7 @@ def heads_source(kinds: str, head_dim: int, num_heads: int, rope_dims: int, rope
     for (int j = 0; j < PER_LANE; ++j) {{
         int i = lane + 32 * j;
         if (i < D) dst[i] = static_cast<T>(v[j]);
+    }}
     }}
 """
     tag = (f"{kinds}_d{head_dim}_h{num_heads}_r{rope_dims}_b{int(rope_base * 1000)}_"
@@ -282,7 +309,7 @@ def _local_plan(queries, keys, values, window, group) -> tuple[int, int, int, in
 
 
 def local_attention_source(head_dim: int, sets: int, left: int, right: int, tile: int, keys_max: int,
-                           scale: float) -> tuple[str, list[str], list[str], str]:
+                           scale: float, merged: bool = False) -> tuple[str, list[str], list[str], str]:
     """``(name, input names, output names, body)`` of the local-attention kernel for one configuration.
 
     A block takes ``tile`` queries of one (batch, head) and copies the keys they can see (at most
@@ -290,13 +317,12 @@ def local_attention_source(head_dim: int, sets: int, left: int, right: int, tile
     at a time: the query in registers, a lane per key for the scores (the key rows padded by one
     float, so 32 lanes read 32 banks), the softmax by warp shuffles, the second set's weights
     subtracted from the first's, and a lane per feature (``head_dim / 32`` each) for the weighted sum
-    of the values. One rounding, at the end.
+    of the values. One rounding, at the end. ``merged``: the output in merged-heads order ``[B, N, H D]``.
     """
     per_query = min(keys_max, left + right + 1)
     chunks = -(-per_query // 32)
-    names = [f"q{s}" for s in range(sets)] + [f"k{s}" for s in range(sets)] + ["v"]
+    names, query_of_set = _local_inputs(sets)
     per_lane = head_dim // 32
-    query_of_set = " : ".join([f"s == {s} ? q{s}" for s in range(sets - 1)] + [f"q{sets - 1}"])
     source = f"""
     constexpr int D = {head_dim};
     constexpr int SETS = {sets};
@@ -378,10 +404,235 @@ def local_attention_source(head_dim: int, sets: int, left: int, right: int, tile
             const int d = lane + 32 * p;
             float acc = 0.0f;
             for (int j = 0; j < count; ++j) acc += ps[warp][j] * vs[row0 + j][d];
-            out[base + (long)i * D + d] = static_cast<T>(acc);
+            out[{_output_row(merged, "i")} + d] = static_cast<T>(acc);
         }}
         __syncwarp();
     }}
 """
-    tag = f"d{head_dim}_s{sets}_l{left}_r{right}_t{tile}_k{keys_max}_sc{int(round(scale * 1e6))}"
+    tag = f"d{head_dim}_s{sets}_l{left}_r{right}_t{tile}_k{keys_max}_sc{int(round(scale * 1e6))}{'_m' if merged else ''}"
     return f"sa3_local_attention_{tag}", names, ["out"], source
+
+
+def _local_inputs(sets: int) -> tuple[list[str], str]:
+    """A local-attention kernel's input names (queries, keys, values) and the expression picking set ``s``'s
+    queries."""
+    names = [f"q{s}" for s in range(sets)] + [f"k{s}" for s in range(sets)] + ["v"]
+    return names, " : ".join([f"s == {s} ? q{s}" for s in range(sets - 1)] + [f"q{sets - 1}"])
+
+
+def _output_row(merged: bool, query: str) -> str:
+    """The kernel expression of the offset of ``query``'s output row of head ``bh`` (``base`` = its input
+    offset): ``[B, H, N, D]`` like the inputs, or merged heads ``[B, N, H D]``."""
+    if not merged:
+        return f"base + (long){query} * D"
+    return f"((bh / v_shape[1]) * (long)N + {query}) * v_shape[1] * D + (bh % v_shape[1]) * D"
+
+
+def _banded_shared_bytes(head_dim: int, sets: int, warps: int, span: int) -> int:
+    """Shared memory of one tensor-core block: the key rows of its ``warps`` x 16 queries for every set and
+    the values, 16-bit, each row padded by 8 values (16-byte aligned, no bank conflicts for ldmatrix)."""
+    return 2 * (16 * (warps - 1) + span) * (head_dim + 8) * (sets + 1)
+
+
+def _banded_mma_plan(queries, keys, values, window, group) -> tuple[int, int, int, int] | None:
+    """``(left, right, warps, span)`` for the tensor-core kernel (tokens a query sees on each side, warps of 16
+    queries per block, the keys one warp's queries see together, a multiple of 16), or None where it does
+    not apply: only half precision (fp32 keeps the SIMT kernel's exact products), only a window."""
+    if window is None or len(queries) not in (1, 2) or len(keys) != len(queries):
+        return None
+    arrays = [*queries, *keys, values]
+    if values.ndim != 4 or values.dtype not in (mx.float16, mx.bfloat16):
+        return None
+    if any(a.shape != values.shape or a.dtype != values.dtype for a in arrays):
+        return None
+    D = values.shape[3]
+    if D % 32 or D > 128:
+        return None
+    left, right = window[0] * group, window[1] * group
+    if left < 0 or right < 0:
+        return None
+    span = -(-(16 + left + right) // 16) * 16
+    if span > BANDED_MAX_SPAN:
+        return None
+    for warps in (4, 2, 1):
+        if _banded_shared_bytes(D, len(queries), warps, span) <= LOCAL_SHARED_BYTES:
+            return left, right, warps, span
+    return None
+
+
+def banded_mma_source(head_dim: int, sets: int, left: int, right: int, warps: int, span: int, scale: float,
+                      bf16: bool, merged: bool = False) -> tuple[str, list[str], list[str], str]:
+    """``(name, input names, output names, body)`` of the tensor-core local-attention kernel.
+
+    A block copies the keys (every set) and values its ``warps * 16`` queries see into shared memory as they
+    are (16-bit, 16 bytes per thread and load). Each warp takes 16 queries, FlashAttention-style: the scores
+    against the ``span`` keys around them by ``mma.sync`` m16n8k16 (fp32 sums, keys read by ``ldmatrix``),
+    the window mask and a softmax per row in registers (a row lives in four lanes), the second set's
+    weights subtracted from the first's in fp32, the difference rounded once to 16 bits as the A operand
+    of the product with the values (``ldmatrix.trans``), fp32 sums, one rounding at the end. ``merged``: the
+    output in merged-heads order ``[B, N, H D]``.
+    """
+    D, rows = head_dim, 16 * (warps - 1) + span
+    kind = "bf16" if bf16 else "f16"
+    names, query_of_set = _local_inputs(sets)
+    load_k1 = ("*reinterpret_cast<uint4*>(&ks[1][row * STRIDE + c * 8]) = inside ? "
+               "*reinterpret_cast<const uint4*>(k1 + at) : zero;") if sets == 2 else ""
+    source = f"""
+    constexpr int D = {D};
+    constexpr int SETS = {sets};
+    constexpr int LEFT = {left};
+    constexpr int RIGHT = {right};
+    constexpr int WARPS = {warps};
+    constexpr int SPAN = {span};        // keys a warp's 16 queries see together (multiple of 16)
+    constexpr int ROWS = {rows};        // key rows a block holds
+    constexpr int STRIDE = D + 8;       // 16-bit values per shared row
+    constexpr int NT = SPAN / 8;        // score tiles of 8 keys
+    constexpr int KS = D / 16;          // k-steps of the scores (even: D is a multiple of 32)
+    constexpr int DT = D / 8;           // output tiles of 8 features
+    constexpr float SCALE = {_float_literal(scale)};
+    __shared__ __align__(16) unsigned short ks[SETS][ROWS * STRIDE];
+    __shared__ __align__(16) unsigned short vs[ROWS * STRIDE];
+
+    const int N = v_shape[2];
+    const int tiles = (N + 16 * WARPS - 1) / (16 * WARPS);
+    const long bh = blockIdx.x / tiles;
+    const int q_block = (blockIdx.x % tiles) * 16 * WARPS;
+    const int k_block = q_block - LEFT;  // the key in shared row 0 (rows outside the sequence hold zeros)
+    const long base = bh * (long)N * D;
+
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    for (int idx = threadIdx.x; idx < ROWS * (D / 8); idx += blockDim.x) {{
+        const int row = idx / (D / 8), c = idx % (D / 8);
+        const int key = k_block + row;
+        const bool inside = key >= 0 && key < N;
+        const long at = base + (long)key * D + c * 8;
+        *reinterpret_cast<uint4*>(&ks[0][row * STRIDE + c * 8]) = inside ? *reinterpret_cast<const uint4*>(k0 + at) : zero;
+        {load_k1}
+        *reinterpret_cast<uint4*>(&vs[row * STRIDE + c * 8]) = inside ? *reinterpret_cast<const uint4*>(v + at) : zero;
+    }}
+    __syncthreads();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int first = q_block + 16 * warp;  // this warp's first query; its keys start at shared row 16 * warp
+    if (first >= N) return;
+    const int g = lane / 4, t2 = (lane % 4) * 2;  // mma fragment row and column pair
+
+    float p[NT][4];  // the attention weights, set 0 minus set 1, in the scores' fragment layout
+    for (int s = 0; s < SETS; ++s) {{
+        const T* qp = ({query_of_set}) + base;
+        uint32_t qa[KS][4];
+        #pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {{
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {{
+                const int query = first + g + 8 * (i & 1);
+                const int col = kk * 16 + t2 + 8 * (i >> 1);
+                qa[kk][i] = query < N ? *reinterpret_cast<const uint32_t*>(qp + (long)query * D + col) : 0u;
+            }}
+        }}
+        float sc[NT][4];
+        #pragma unroll
+        for (int j = 0; j < NT; ++j) {{
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+            #pragma unroll
+            for (int kk = 0; kk < KS; kk += 2) {{
+                uint32_t b[4];
+                const unsigned short* at = &ks[s][(16 * warp + 8 * j + lane % 8) * STRIDE + kk * 16 + 8 * (lane / 8)];
+                const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(at));
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%0, %1, %2, %3}}, [%4];"
+                             : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {{
+                    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+                                 "{{%0, %1, %2, %3}}, {{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};"
+                                 : "+f"(sc[j][0]), "+f"(sc[j][1]), "+f"(sc[j][2]), "+f"(sc[j][3])
+                                 : "r"(qa[kk + h][0]), "r"(qa[kk + h][1]), "r"(qa[kk + h][2]), "r"(qa[kk + h][3]),
+                                   "r"(b[2 * h]), "r"(b[2 * h + 1]));
+                }}
+            }}
+        }}
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {{  // the lane's two rows: queries first + g and first + g + 8
+            const int query = first + g + 8 * h;
+            float top = -INFINITY;
+            #pragma unroll
+            for (int j = 0; j < NT; ++j) {{
+                #pragma unroll
+                for (int e = 0; e < 2; ++e) {{
+                    const int key = first - LEFT + 8 * j + t2 + e;
+                    const bool seen = query < N && key >= query - LEFT && key <= query + RIGHT && key >= 0 && key < N;
+                    sc[j][2 * h + e] = seen ? sc[j][2 * h + e] * SCALE : -INFINITY;
+                    top = fmaxf(top, sc[j][2 * h + e]);
+                }}
+            }}
+            top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, 1));
+            top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, 2));
+            if (top == -INFINITY) top = 0.0f;  // a row past the sequence's end: weights 0, never stored
+            float total = 0.0f;
+            #pragma unroll
+            for (int j = 0; j < NT; ++j) {{
+                #pragma unroll
+                for (int e = 0; e < 2; ++e) {{
+                    sc[j][2 * h + e] = expf(sc[j][2 * h + e] - top);
+                    total += sc[j][2 * h + e];
+                }}
+            }}
+            total += __shfl_xor_sync(0xffffffff, total, 1);
+            total += __shfl_xor_sync(0xffffffff, total, 2);
+            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+            #pragma unroll
+            for (int j = 0; j < NT; ++j) {{
+                #pragma unroll
+                for (int e = 0; e < 2; ++e) {{
+                    const float w = sc[j][2 * h + e] * inv;
+                    p[j][2 * h + e] = s == 0 ? w : p[j][2 * h + e] - w;
+                }}
+            }}
+        }}
+    }}
+
+    float o[DT][4];
+    #pragma unroll
+    for (int j = 0; j < DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    #pragma unroll
+    for (int kk = 0; kk < SPAN / 16; ++kk) {{
+        uint32_t a[4];  // the weights of keys 16 kk .. 16 kk + 15: two score tiles are one A fragment
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {{
+            const float* pair = &p[2 * kk + (i >> 1)][2 * (i & 1)];
+            const T lo = static_cast<T>(pair[0]);
+            const T hi = static_cast<T>(pair[1]);
+            a[i] = (uint32_t)(*reinterpret_cast<const unsigned short*>(&lo))
+                 | ((uint32_t)(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
+        }}
+        #pragma unroll
+        for (int jd = 0; jd < DT; jd += 2) {{
+            uint32_t b[4];
+            const int row = 16 * warp + 16 * kk + lane % 8 + 8 * ((lane / 8) % 2);
+            const unsigned short* at = &vs[row * STRIDE + 8 * (jd + lane / 16)];
+            const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(at));
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{%0, %1, %2, %3}}, [%4];"
+                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {{
+                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+                             "{{%0, %1, %2, %3}}, {{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};"
+                             : "+f"(o[jd + h][0]), "+f"(o[jd + h][1]), "+f"(o[jd + h][2]), "+f"(o[jd + h][3])
+                             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+            }}
+        }}
+    }}
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {{
+        const int query = first + g + 8 * h;
+        if (query >= N) continue;
+        T* dst = out + {_output_row(merged, "query")} + t2;
+        #pragma unroll
+        for (int j = 0; j < DT; ++j) {{
+            dst[8 * j] = static_cast<T>(o[j][2 * h]);
+            dst[8 * j + 1] = static_cast<T>(o[j][2 * h + 1]);
+        }}
+    }}
+"""
+    tag = f"d{D}_s{sets}_l{left}_r{right}_w{warps}_n{span}_sc{int(round(scale * 1e6))}_{kind}{'_m' if merged else ''}"
+    return f"sa3_banded_mma_{tag}", names, ["out"], source

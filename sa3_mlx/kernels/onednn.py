@@ -92,9 +92,20 @@ class _Library:
         self.engine, self.stream = _P(), _P()
         check(self.engine_create(ctypes.byref(self.engine), _ENGINE_CPU, 0), "engine_create")
         check(self.stream_create(ctypes.byref(self.stream), self.engine, _STREAM_IN_ORDER), "stream_create")
-        # One product at a time: the memory objects of a plan are rebound on every call, and the
-        # library already spreads each product over all the cores.
+        # One product at a time: the memory objects of a plan are rebound on every call, the bf16
+        # copy of x lives in one buffer (below), and the library already spreads each product over
+        # all the cores.
         self.lock = threading.Lock()
+        self._scratch = np.empty(0, np.uint16)
+
+    def scratch(self, elements: int) -> int:
+        """The address of a uint16 buffer of at least ``elements``, for the bf16 copy of a product's x:
+        one buffer for all products (not one per call), grown to the largest, written and read within
+        one call under :attr:`lock`. Kept until the process ends (with ``SA3_REUSE_MEMORY`` glibc kept
+        the per-call buffers anyway)."""
+        if self._scratch.size < elements:
+            self._scratch = np.empty(elements, np.uint16)
+        return self._scratch.ctypes.data
 
 
 def check(status: int, what: str) -> None:
@@ -239,49 +250,55 @@ class _Handles:
         self.items.clear()
 
 
-def _run(lib: _Library, primitive: _P, args: list[tuple[int, _P, np.ndarray]]) -> None:
-    for _, mem, array in args:
-        check(lib.memory_set(mem, _P(array.ctypes.data)), "memory_set_data_handle")
-    packed = (_Arg * len(args))(*[_Arg(arg, mem) for arg, mem, _ in args])
-    check(lib.execute(primitive, lib.stream, len(args), packed), "primitive_execute")
-    check(lib.stream_wait(lib.stream), "stream_wait")
-
-
-class _Reorder:
-    """A oneDNN reorder (layout and/or dtype conversion) between two memory descriptors."""
-
-    def __init__(self, lib: _Library, handles: _Handles, src_md: _P, dst_md: _P):
-        pd = _P()
-        check(lib.reorder_pd(ctypes.byref(pd), src_md, lib.engine, dst_md, lib.engine, None), "reorder_pd")
-        handles.add("pd", pd)
-        self.lib, self.primitive = lib, handles.primitive(pd)
-        self.src, self.dst = handles.memory(src_md), handles.memory(dst_md)
-
-    def __call__(self, src: np.ndarray, dst: np.ndarray) -> None:
-        _run(self.lib, self.primitive, [(_ARG_FROM, self.src, src), (_ARG_TO, self.dst, dst)])
-
-
 class _Plan:
-    """The product for one row count ``M``: its primitive, memories, and the conversion of x to bf16."""
+    """The product for one row count ``M``: the reorder of x (fp32) into the library's scratch buffer
+    (bf16) and the matmul reading it, their memories, with the weight and bias bound once and the
+    argument lists packed once: a call rebinds x, the scratch and y and runs the two primitives."""
 
-    def __init__(self, lib: _Library, m: int, k: int, n: int, bias: bool):
+    def __init__(self, lib: _Library, m: int, bits: np.ndarray, bias: np.ndarray | None):
+        (n, k), self.lib = bits.shape, lib
         self.handles = handles = _Handles(lib)
         try:
+            x_md = handles.md([m, k], _F32, _TAG_AB)
             src = handles.md([m, k], _BF16, _TAG_AB)
             weights = handles.md([k, n], _BF16, _TAG_BA)  # W [in, out] stored as W^T [out, in], row-major
-            bias_md = handles.md([1, n], _F32, _TAG_AB) if bias else None
+            bias_md = handles.md([1, n], _F32, _TAG_AB) if bias is not None else None
             dst = handles.md([m, n], _F32, _TAG_AB)
             pd = _P()
             check(lib.matmul_pd(ctypes.byref(pd), lib.engine, src, weights, bias_md, dst, None), "matmul_pd")
             handles.add("pd", pd)
             self.impl = _impl_name(lib, pd)
             self.primitive = handles.primitive(pd)
-            self.src, self.weights, self.dst = (handles.memory(md) for md in (src, weights, dst))
-            self.bias = handles.memory(bias_md) if bias else None
-            self.convert = _Reorder(lib, handles, handles.md([m, k], _F32, _TAG_AB), src)
+            pd = _P()
+            check(lib.reorder_pd(ctypes.byref(pd), x_md, lib.engine, src, lib.engine, None), "reorder_pd")
+            handles.add("pd", pd)
+            self.reorder = handles.primitive(pd)
+            self.x, self.src, self.dst = (handles.memory(md) for md in (x_md, src, dst))
+            args = [(_ARG_SRC, self.src), (_ARG_WEIGHTS, self._bound(handles, weights, bits)), (_ARG_DST, self.dst)]
+            if bias is not None:
+                args.append((_ARG_BIAS, self._bound(handles, bias_md, bias)))
+            # The reorder writes the bf16 x through the same memory object the matmul reads.
+            self.reorder_args = (_Arg * 2)(_Arg(_ARG_FROM, self.x), _Arg(_ARG_TO, self.src))
+            self.matmul_args = (_Arg * len(args))(*[_Arg(arg, mem) for arg, mem in args])
+            self.elements = m * k
         except BaseException:
             handles.close()
             raise
+
+    def _bound(self, handles: _Handles, md: _P, array: np.ndarray) -> _P:
+        mem = handles.memory(md)
+        check(self.lib.memory_set(mem, array.ctypes.data), "memory_set_data_handle")
+        return mem
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> None:
+        """``y = bf16(x) @ W^T + bias``; the caller holds the library's lock."""
+        lib = self.lib
+        check(lib.memory_set(self.x, x.ctypes.data), "memory_set_data_handle")
+        check(lib.memory_set(self.src, lib.scratch(self.elements)), "memory_set_data_handle")
+        check(lib.memory_set(self.dst, y.ctypes.data), "memory_set_data_handle")
+        check(lib.execute(self.reorder, lib.stream, 2, self.reorder_args), "primitive_execute")
+        check(lib.execute(self.primitive, lib.stream, len(self.matmul_args), self.matmul_args), "primitive_execute")
+        check(lib.stream_wait(lib.stream), "stream_wait")
 
 
 class BF16Weight:
@@ -309,7 +326,7 @@ class BF16Weight:
         if plan is None:
             if len(self._plans) >= _PLANS_PER_WEIGHT:
                 self._plans.pop(next(iter(self._plans))).handles.close()
-            plan = self._plans[m] = _Plan(self.lib, m, self.k, self.n, self.bias is not None)
+            plan = self._plans[m] = _Plan(self.lib, m, self.bits, self.bias)
         return plan
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -323,14 +340,8 @@ class BF16Weight:
             raise ValueError(f"out must be a C-contiguous float32 [{m}, {self.n}] array")
         if m == 0:
             return y
-        x_bf16 = np.empty((m, self.k), np.uint16)
         with self.lib.lock:
-            plan = self._plan(m)
-            plan.convert(x, x_bf16)
-            args = [(_ARG_SRC, plan.src, x_bf16), (_ARG_WEIGHTS, plan.weights, self.bits), (_ARG_DST, plan.dst, y)]
-            if self.bias is not None:
-                args.append((_ARG_BIAS, plan.bias, self.bias))
-            _run(self.lib, plan.primitive, args)
+            self._plan(m)(x, y)
         return y
 
     def implementation(self, m: int) -> str:
@@ -370,24 +381,31 @@ class BF16Linear(nn.Linear):
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.dtype == mx.float32 and x.ndim >= 1:
-            try:
-                host = np.asarray(x)
-            except ValueError:  # inside mx.compile tracing
-                host = None
-            if host is not None:
-                out = self._product(host.reshape(-1, host.shape[-1]))
-                return mx.array(out.reshape(*host.shape[:-1], out.shape[-1]))
-        return super().__call__(x)
+        y = self.host_product(x)
+        return super().__call__(x) if y is None else mx.array(y)
 
-    def _product(self, x: np.ndarray) -> np.ndarray:
+    def host_product(self, x: mx.array) -> np.ndarray | None:
+        """The oneDNN product of fp32 ``x`` as a new numpy array ``[..., out]`` (what ``self(x)`` holds),
+        or None where it cannot run (other dtypes, ``mx.compile`` tracing). For a caller that goes on
+        in numpy (the CPU backend's GLU): the copy into an MLX array, a pass over cold memory as long
+        as the product's output, is skipped."""
+        if x.dtype != mx.float32 or x.ndim < 1:
+            return None
+        try:
+            host = np.asarray(x)
+        except ValueError:  # inside mx.compile tracing
+            return None
+        y = self._weight()(host.reshape(-1, host.shape[-1]))
+        return y.reshape(*host.shape[:-1], y.shape[-1])
+
+    def _weight(self) -> BF16Weight:
         weight = self.__dict__.get("_bf16")
         if weight is None or weight[0] is not self.weight or weight[1] is not self.get("bias"):
             # First call, or the parameters were replaced (module.update): read them again.
             bias = np.asarray(self["bias"]) if "bias" in self else None
             weight = (self.weight, self.get("bias"), BF16Weight(np.asarray(self.weight.view(mx.uint16)), bias))
             self.__dict__["_bf16"] = weight
-        return weight[2](x)
+        return weight[2]
 
 
 def use_bf16_products(module: nn.Module) -> int:

@@ -38,7 +38,6 @@ import numpy as np
 from .. import kernels
 from ..kernels import DyTParams
 from ..weights import NpzWeights, WeightError, count_indexed, load_strict, require, shape_of
-from .layers import merge_heads
 
 FAMILIES = ("s", "l")
 ROLES = ("encoder", "decoder")
@@ -350,8 +349,7 @@ class SAMEAttention(nn.Module):
         ops = kernels.active()
         q, k, v, q_diff, k_diff = ops.heads(qkv, self.num_heads, "qkvqk", self.q_norm.params, self.k_norm.params,
                                             self.rope_dims, self.rope_base)
-        out = ops.local_attention([q, q_diff], [k, k_diff], v, self.scale, window, self.group)
-        return self.to_out(merge_heads(out))
+        return self.to_out(ops.local_attention([q, q_diff], [k, k_diff], v, self.scale, window, self.group, merged=True))
 
 
 class SAMEFeedForward(nn.Module):
