@@ -280,19 +280,25 @@ def _local_shared_bytes(head_dim: int, sets: int, keys: int) -> int:
     return 4 * (keys * (head_dim + 1) * (sets + 1) + LOCAL_WARPS * keys)
 
 
+def _local_heads_apply(queries, keys, values, dtypes) -> bool:
+    """Whether the local-attention kernels take these heads: one or two query/key sets, all ``[B, H, N, D]``
+    of one shape and one of ``dtypes``, ``D`` a multiple of 32 up to 128."""
+    if len(queries) not in (1, 2) or len(keys) != len(queries):
+        return False
+    if values.ndim != 4 or values.dtype not in dtypes:
+        return False
+    if any(a.shape != values.shape or a.dtype != values.dtype for a in [*queries, *keys]):
+        return False
+    D = values.shape[3]
+    return D % 32 == 0 and D <= 128
+
+
 def _local_plan(queries, keys, values, window, group) -> tuple[int, int, int, int] | None:
     """``(left, right, tile, keys)`` for the kernel (tokens a query sees on each side, queries per block, the
     most keys a block holds), or None where it does not apply (then the reference runs)."""
-    if len(queries) not in (1, 2) or len(keys) != len(queries):
-        return None
-    arrays = [*queries, *keys, values]
-    if values.ndim != 4 or values.dtype not in (mx.float16, mx.bfloat16, mx.float32):
-        return None
-    if any(a.shape != values.shape or a.dtype != values.dtype for a in arrays):
+    if not _local_heads_apply(queries, keys, values, (mx.float16, mx.bfloat16, mx.float32)):
         return None
     N, D = values.shape[2], values.shape[3]
-    if D % 32 or D > 128:
-        return None
     sets = len(queries)
     if window is None:
         # Every key: one block holds the whole sequence (SAME-S's chunks of 34 tokens).
@@ -438,16 +444,9 @@ def _banded_mma_plan(queries, keys, values, window, group) -> tuple[int, int, in
     """``(left, right, warps, span)`` for the tensor-core kernel (tokens a query sees on each side, warps of 16
     queries per block, the keys one warp's queries see together, a multiple of 16), or None where it does
     not apply: only half precision (fp32 keeps the SIMT kernel's exact products), only a window."""
-    if window is None or len(queries) not in (1, 2) or len(keys) != len(queries):
-        return None
-    arrays = [*queries, *keys, values]
-    if values.ndim != 4 or values.dtype not in (mx.float16, mx.bfloat16):
-        return None
-    if any(a.shape != values.shape or a.dtype != values.dtype for a in arrays):
+    if window is None or not _local_heads_apply(queries, keys, values, (mx.float16, mx.bfloat16)):
         return None
     D = values.shape[3]
-    if D % 32 or D > 128:
-        return None
     left, right = window[0] * group, window[1] * group
     if left < 0 or right < 0:
         return None
@@ -516,6 +515,13 @@ def banded_mma_source(head_dim: int, sets: int, left: int, right: int, warps: in
     const int first = q_block + 16 * warp;  // this warp's first query; its keys start at shared row 16 * warp
     if (first >= N) return;
     const int g = lane / 4, t2 = (lane % 4) * 2;  // mma fragment row and column pair
+    // c += a b for one m16n8k16 tile (16-bit a and b, fp32 c), the fragments as the PTX ISA lays them out.
+    auto mma = [](float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {{
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+                     "{{%0, %1, %2, %3}}, {{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }};
 
     float p[NT][4];  // the attention weights, set 0 minus set 1, in the scores' fragment layout
     for (int s = 0; s < SETS; ++s) {{
@@ -541,14 +547,8 @@ def banded_mma_source(head_dim: int, sets: int, left: int, right: int, warps: in
                 const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(at));
                 asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%0, %1, %2, %3}}, [%4];"
                              : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
-                #pragma unroll
-                for (int h = 0; h < 2; ++h) {{
-                    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
-                                 "{{%0, %1, %2, %3}}, {{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};"
-                                 : "+f"(sc[j][0]), "+f"(sc[j][1]), "+f"(sc[j][2]), "+f"(sc[j][3])
-                                 : "r"(qa[kk + h][0]), "r"(qa[kk + h][1]), "r"(qa[kk + h][2]), "r"(qa[kk + h][3]),
-                                   "r"(b[2 * h]), "r"(b[2 * h + 1]));
-                }}
+                mma(sc[j], qa[kk], b[0], b[1]);
+                mma(sc[j], qa[kk + 1], b[2], b[3]);
             }}
         }}
         #pragma unroll
@@ -613,13 +613,8 @@ def banded_mma_source(head_dim: int, sets: int, left: int, right: int, warps: in
             const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(at));
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{%0, %1, %2, %3}}, [%4];"
                          : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
-            #pragma unroll
-            for (int h = 0; h < 2; ++h) {{
-                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
-                             "{{%0, %1, %2, %3}}, {{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};"
-                             : "+f"(o[jd + h][0]), "+f"(o[jd + h][1]), "+f"(o[jd + h][2]), "+f"(o[jd + h][3])
-                             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
-            }}
+            mma(o[jd], a, b[0], b[1]);
+            mma(o[jd + 1], a, b[2], b[3]);
         }}
     }}
     #pragma unroll
