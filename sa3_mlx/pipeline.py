@@ -567,11 +567,11 @@ class Pipeline:
             self.free("decoder")
 
         n_samples = int(round(s.seconds * SAMPLE_RATE))
-        audio_np = np.array(audio[..., :n_samples])
+        audio_np = self.kernels.to_numpy(audio[..., :n_samples])
         if plan.valid_latents is not None:
             audio_np[..., plan.valid_latents * codec.SAMPLES_PER_LATENT:] = 0  # upstream zeroes the padded tail
         s = s.replace(init_noise_level=plan.init_noise_level)
-        return GenerationResult(audio_np, SAMPLE_RATE, s, plan, np.array(latents), list(self.stages), self.codec_name)
+        return GenerationResult(audio_np, SAMPLE_RATE, s, plan, self.kernels.to_numpy(latents), list(self.stages), self.codec_name)
 
     def generate(
         self,
@@ -611,7 +611,7 @@ class Pipeline:
         t0 = time.perf_counter()
         latents = denoised.astype(mx.float32)
         audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
-        audio = np.array(audio[0, :, :int(round(seconds * SAMPLE_RATE))])
+        audio = self.kernels.to_numpy(audio[0, :, :int(round(seconds * SAMPLE_RATE))])
         return Preview(done, total, audio, time.perf_counter() - t0)
 
     def generate_many(self, items: Sequence[GenerationSettings]) -> list[GenerationResult]:
@@ -699,10 +699,10 @@ class Pipeline:
         audio = drain(self._stage(DECODING, decode))
         if first.free_models:
             self.free("decoder")
-        audio_np = np.array(audio[..., :int(round(first.seconds * SAMPLE_RATE))])
+        audio_np = self.kernels.to_numpy(audio[..., :int(round(first.seconds * SAMPLE_RATE))])
         if plan.valid_latents is not None:
             audio_np[..., plan.valid_latents * codec.SAMPLES_PER_LATENT:] = 0
-        latents_np = np.array(latents)
+        latents_np = self.kernels.to_numpy(latents)
         results, start = [], 0
         for s in items:
             end = start + s.num_outputs
@@ -780,16 +780,14 @@ class Pipeline:
         audio = np.asarray(audio, dtype=np.float32)
         n_lat = max(1, -(-audio.shape[1] // codec.SAMPLES_PER_LATENT))
         latents = self.encode_init(audio, n_lat)
-        mx.eval(latents)
-        return np.array(latents[0])
+        return self.kernels.to_numpy(latents[0])
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         """The codec alone: ``[256, T]`` latents -> ``[2, 4096 T]`` float32 audio, the exact chunked decode
         a generation uses (``sa3 decode-latents``)."""
         latents = mx.array(np.asarray(latents, dtype=np.float32)[None])
         audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
-        mx.eval(audio)
-        return np.array(audio[0])
+        return self.kernels.to_numpy(audio[0])
 
     def encode_init(self, audio: np.ndarray, n_lat: int) -> mx.array:
         """Encode [2, samples] init audio to ``[1, 256, n_lat]`` latents, trimmed or padded with

@@ -7,6 +7,8 @@ the kernel and the reference is checked everywhere.
 
 from __future__ import annotations
 
+import ctypes
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -249,3 +251,75 @@ def test_local_attention_kernels_write_merged_heads_as_merge_heads_would(dtype, 
     merged = CUDA.local_attention(q, k, v, 0.125, window, group, merged=True)
     assert merged.shape == (B, N, H * D) and merged.dtype == dtype
     assert np.array_equal(np.array(merged.astype(mx.float32)), np.array(kernels.merge_heads(heads).astype(mx.float32)))
+
+
+class MemmoveRuntime:
+    """A stand-in for the CUDA runtime that copies with ``memmove`` (the CPU's addresses are host
+    memory): what CUDAKernels.to_numpy plans and asks for, checked without a GPU."""
+
+    def __init__(self, working=True):
+        self.calls, self.working = [], working
+
+    def copy_rows(self, dst, src, rows, width, pitch):
+        self.calls.append((rows, width, pitch))
+        if not self.working:
+            return False
+        for r in range(rows):
+            ctypes.memmove(dst + r * width, src + r * pitch, width)
+        return True
+
+
+def host_layouts():
+    a = normal(2, 2, 1000, seed=3)
+    return {
+        "contiguous": (a, (1, 2 * 2 * 1000 * 4, 2 * 2 * 1000 * 4)),
+        "last-axis slice": (a[..., :700], (4, 700 * 4, 1000 * 4)),
+        "one item's slice": (a[1, :, :333], (2, 333 * 4, 1000 * 4)),
+        "transposed": (a.transpose(0, 2, 1), None),
+        "strided": (a[..., ::2], None),
+        "half precision": (a.astype(mx.float16)[:, :, 5:9], (4, 8, 2000)),
+    }
+
+
+@pytest.mark.parametrize("layout", list(host_layouts()))
+def test_to_numpy_copies_rows_of_any_layout_as_np_array_would(layout, monkeypatch):
+    import sa3_mlx.kernels.cuda as cuda
+
+    x, plan = host_layouts()[layout]
+    mx.eval(x)
+    assert cuda.host_copy_plan(np.asarray(x)) == plan
+    runtime = MemmoveRuntime()
+    monkeypatch.setattr(cuda, "cuda_runtime", lambda: runtime)
+    out = CUDA.to_numpy(x)
+    assert out.flags.owndata and out.flags.writeable and out.flags.c_contiguous
+    assert out.dtype == np.array(x).dtype and np.array_equal(out, np.array(x))
+    assert len(runtime.calls) == 1  # one copy; a layout without a plan is made contiguous on the device first
+    if plan is not None:
+        assert runtime.calls == [plan]
+
+
+def test_to_numpy_falls_back_to_numpy_when_the_runtime_fails_or_is_missing(monkeypatch):
+    import sa3_mlx.kernels.cuda as cuda
+
+    x = normal(2, 3, 50, seed=4)[..., 10:40]
+    failing = MemmoveRuntime(working=False)
+    monkeypatch.setattr(cuda, "cuda_runtime", lambda: failing)
+    assert np.array_equal(CUDA.to_numpy(x), np.array(x)) and failing.calls
+    monkeypatch.setattr(cuda, "cuda_runtime", lambda: None)
+    assert np.array_equal(CUDA.to_numpy(x), np.array(x))
+    bf16 = x.astype(mx.bfloat16)  # numpy has no bfloat16: the reference's conversion decides
+    monkeypatch.setattr(cuda, "cuda_runtime", lambda: MemmoveRuntime())
+    assert np.array_equal(CUDA.to_numpy(bf16.astype(mx.float32)), np.array(bf16.astype(mx.float32)))
+    with pytest.raises((TypeError, ValueError, RuntimeError)):
+        CUDA.to_numpy(bf16)
+
+
+@on_cuda
+def test_to_numpy_on_the_gpu_uses_the_cuda_runtime_and_equals_np_array():
+    import sa3_mlx.kernels.cuda as cuda
+
+    assert cuda.cuda_runtime() is not None, "libcudart was not found beside MLX's CUDA backend"
+    for x, _ in host_layouts().values():
+        mx.eval(x)
+        assert np.array_equal(CUDA.to_numpy(x), np.array(x))
+    assert cuda.cuda_runtime().working

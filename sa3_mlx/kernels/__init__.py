@@ -113,6 +113,13 @@ class Kernels:
             return chunks
         return max(1, self.chunk_group_tokens // chunk_tokens)
 
+    # ------------------------------------------------------------ to the host
+
+    def to_numpy(self, x: mx.array) -> np.ndarray:
+        """``x`` evaluated and copied into a new numpy array of its shape and dtype (writable, owning
+        its data): how results (audio, latents) leave the device. The reference: ``np.array(x)``."""
+        return np.array(x)
+
     # ------------------------------------------------------------ element-wise
 
     def softmax(self, x: mx.array, axis: int = -1) -> mx.array:
