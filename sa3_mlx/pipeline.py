@@ -317,16 +317,28 @@ class Pipeline:
     @property
     def decoder(self):
         if self._decoder is None:
-            self._decoder = self.source.load_codec(self.codec_name, "decoder", self.codec_dtype)
-            self.weight_bytes["decoder"] = parameter_bytes(self._decoder)
+            self._decoder = self._load_codec("decoder")
         return self._decoder
 
     @property
     def encoder(self):
         if self._encoder is None:
-            self._encoder = self.source.load_codec(self.codec_name, "encoder", self.codec_dtype)
-            self.weight_bytes["encoder"] = parameter_bytes(self._encoder)
+            self._encoder = self._load_codec("encoder")
         return self._encoder
+
+    @property
+    def codec_compute_dtype(self) -> mx.Dtype:
+        """What the codec is loaded and run in: ``codec_dtype``, or what the kernels backend runs that precision
+        from (bf16 on CPUs with oneDNN: fp32 activations, bf16 products; ``Kernels.compute_dtype``)."""
+        return self.kernels.compute_dtype(self.codec_dtype)
+
+    def _load_codec(self, role: str):
+        dtype = self.codec_compute_dtype
+        model = self.source.load_codec(self.codec_name, role, dtype)
+        if dtype != self.codec_dtype:  # the backend's own form of the asked precision (bf16 linear layers)
+            self.kernels.prepare(model, self.codec_dtype)
+        self.weight_bytes[role] = parameter_bytes(model)
+        return model
 
     def _stored_dit(self) -> Mapping:
         if self._lora_base is None:
@@ -558,7 +570,7 @@ class Pipeline:
         yield from self._load_stage(LOAD_DECODER, "decoder")
 
         def decode():
-            audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+            audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_compute_dtype))).astype(mx.float32)
             mx.eval(audio)
             return audio
 
@@ -610,7 +622,7 @@ class Pipeline:
     def _preview(self, done: int, total: int, denoised: mx.array, seconds: float) -> Preview:
         t0 = time.perf_counter()
         latents = denoised.astype(mx.float32)
-        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_compute_dtype))).astype(mx.float32)
         audio = self.kernels.to_numpy(audio[0, :, :int(round(seconds * SAMPLE_RATE))])
         return Preview(done, total, audio, time.perf_counter() - t0)
 
@@ -692,7 +704,7 @@ class Pipeline:
         drain(self._load_stage(LOAD_DECODER, "decoder"))
 
         def decode():
-            audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+            audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_compute_dtype))).astype(mx.float32)
             mx.eval(audio)
             return audio
 
@@ -786,7 +798,7 @@ class Pipeline:
         """The codec alone: ``[256, T]`` latents -> ``[2, 4096 T]`` float32 audio, the exact chunked decode
         a generation uses (``sa3 decode-latents``)."""
         latents = mx.array(np.asarray(latents, dtype=np.float32)[None])
-        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_dtype))).astype(mx.float32)
+        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_compute_dtype))).astype(mx.float32)
         return self.kernels.to_numpy(audio[0])
 
     def encode_init(self, audio: np.ndarray, n_lat: int) -> mx.array:
@@ -795,7 +807,7 @@ class Pipeline:
         n_samples = n_lat * codec.SAMPLES_PER_LATENT
         audio = np.asarray(audio, dtype=np.float32)[:, :n_samples]
         audio = np.pad(audio, ((0, 0), (0, n_samples - audio.shape[1])))
-        latents = codec.encode(self.encoder, mx.array(audio[None]).astype(self.codec_dtype)).astype(mx.float32)
+        latents = codec.encode(self.encoder, mx.array(audio[None]).astype(self.codec_compute_dtype)).astype(mx.float32)
         return latents[..., :n_lat]
 
 

@@ -1,4 +1,5 @@
-"""How close the CPU's bf16 DiT (oneDNN products, ``--dit-dtype bf16``) comes to the fp32 path: SNR in dB.
+"""How close the CPU's bf16 DiT and codecs (oneDNN products, ``--dit-dtype bf16``, ``--codec-dtype bf16``) come to
+the fp32 path: SNR in dB.
 
     PYTHONPATH=. SA3_REFERENCE_DIR=../shared/reference python scripts/bf16_fidelity.py [--seconds 30] [--json]
 
@@ -9,6 +10,11 @@
    trained one, so the latents are the figure to read here; the audio's is printed for completeness.
 3. The reference case (``case_pipeline_t2a.npz``, tiny random weights, the official runner's noise): latents
    and audio with bf16 products against the fp32 reference run.
+
+4. The codecs (``--codec-dtype bf16``: their linear layers' products in bf16): each reference codec case
+   (SAME-S and SAME-L, decoder and encoder, tiny random weights) against the official fp32 output, in fp32
+   and with bf16 products; the reference pipeline's audio decoded with bf16 products (after the fp32 and the
+   bf16 DiT); and a full-size random SAME-S decoder's ``--seconds`` of audio against its fp32 decode.
 
 SNR = 10 log10(sum ref^2 / sum (x - ref)^2). The official runner's bar for its fp16 DiT: 50 dB.
 Random weights have none of the outliers trained weights have, so the real models may do worse.
@@ -88,11 +94,13 @@ def reference_case(reference_dir: Path) -> dict:
     golden = reference_dir / "golden"
     with np.load(golden / "case_pipeline_t2a.npz") as f:
         case = {k: f[k] for k in f.files}
+    cpu = kernels.by_name("cpu")
     decoder = load_same(golden / "same_s_decoder_tiny_f32.npz", role="decoder")
+    decoder_bf16 = load_same(golden / "same_s_decoder_tiny_f32.npz", role="decoder")
+    cpu.prepare(decoder_bf16, mx.bfloat16)
     noise = mx.array(case["supplied_noise"])
-    out = {}
+    out, audio_codec_bf16 = {}, {}
     for name in ("fp32", "bf16"):
-        cpu = kernels.by_name("cpu")
         with kernels.use(cpu):
             dit, _, _ = load_dit(golden / "dit_sm_tiny_f16.npz", dtype=mx.float32)
             cpu.prepare(dit, mx.bfloat16 if name == "bf16" else None)
@@ -100,14 +108,59 @@ def reference_case(reference_dir: Path) -> dict:
                 noise[:1], pingpong_schedule(8, 1.0), mx.array(case["cross_attn_batched"]),
                 mx.array(case["global_cond_batched"]), None, Guidance(),
                 lambda i, shape, dtype: noise[i + 1][None].astype(dtype))
-            audio = np.array(codec.unpatchify(codec.decode(decoder, latents)))[0, :, : case["audio"].shape[-1]]
+            samples = case["audio"].shape[-1]
+            audio = np.array(codec.unpatchify(codec.decode(decoder, latents)))[0, :, :samples]
+            audio_codec_bf16[name] = np.array(codec.unpatchify(codec.decode(decoder_bf16, latents)))[0, :, :samples]
         out[name] = (np.array(latents), audio)
     return {
         "latents_vs_reference": {n: round(snr_db(case["latents"], out[n][0]), 1) for n in out},
         "audio_vs_reference": {n: round(snr_db(case["audio"], out[n][1]), 1) for n in out},
+        "audio_vs_reference_codec_bf16": {f"dit {n}": round(snr_db(case["audio"], a), 1)
+                                          for n, a in audio_codec_bf16.items()},
         "bf16_vs_fp32": {"latents": round(snr_db(out["fp32"][0], out["bf16"][0]), 1),
                          "audio": round(snr_db(out["fp32"][1], out["bf16"][1]), 1)},
     }
+
+
+def codecs(reference_dir: Path, seconds: float) -> dict:
+    from sa3_mlx import codec
+    from sa3_mlx.models.same import load_same
+    from sa3_mlx.sources.modules import random_source
+
+    golden = reference_dir / "golden"
+    cpu = kernels.by_name("cpu")
+    results = {}
+    for family in ("s", "l"):
+        overrides = {}
+        if family == "l":  # the tiny SAME-L decoder's sin gates (the reference README; tests/test_same.py)
+            overrides = {"sinusoidal_blocks": json.loads((golden / "same_l_tiny_config.json").read_text())[
+                "torch_sinusoidal_blocks"]}
+        for role in ("decoder", "encoder"):
+            with np.load(golden / f"case_same_{family}_{role}.npz") as f:
+                case = {k: f[k] for k in f.files}
+            x, reference = (case["latents"], case["patches"]) if role == "decoder" else (case["audio_patches"],
+                                                                                         case["latents"])
+            row = {}
+            for name in ("fp32", "bf16"):
+                model = load_same(golden / f"same_{family}_{role}_tiny_f32.npz", role=role,
+                                  **(overrides if role == "decoder" else {}))
+                if name == "bf16":
+                    cpu.prepare(model, mx.bfloat16)
+                with kernels.use(cpu):
+                    row[name] = round(snr_db(reference, np.array(model(mx.array(x)))), 1)
+            results[f"same_{family}_{role}_vs_reference"] = row
+    source = random_source("sm-music")
+    latents = int(np.ceil(seconds * 44100 / codec.SAMPLES_PER_LATENT))
+    x = mx.array(np.random.default_rng(0).standard_normal((1, 256, latents), dtype=np.float32))
+    decoded = {}
+    for name in ("fp32", "bf16"):
+        decoder = source.load_codec("same-s", "decoder", mx.float32)
+        if name == "bf16":
+            cpu.prepare(decoder, mx.bfloat16)
+        with kernels.use(cpu):
+            decoded[name] = np.array(codec.unpatchify(codec.decode(decoder, x)))
+    results["full_size_same_s_decode_bf16_vs_fp32"] = round(snr_db(decoded["fp32"], decoded["bf16"]), 1)
+    return results
 
 
 def main() -> int:
@@ -126,6 +179,7 @@ def main() -> int:
     reference_dir = Path(os.environ.get("SA3_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
     if (reference_dir / "golden").is_dir():
         results["reference_case_snr_db"] = reference_case(reference_dir)
+        results["codec_snr_db"] = codecs(reference_dir, args.seconds)
     print(json.dumps(results, indent=None if args.json else 2))
     return 0
 

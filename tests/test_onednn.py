@@ -316,17 +316,56 @@ def test_pipeline_bf16_on_the_cpu_runs_the_dit_products_in_bf16(golden):
     assert snr_db(case["latents"], np.array(latents)) > 40
 
 
-@needs_onednn
-def test_pipeline_dtype_plumbing(bundle):
+def tiny_pipelines(bundle, **dtypes):
+    """The tiny bundle's pipeline with ``dtypes`` and the fp32 one, and a short run of each: (pipelines, results)."""
     from sa3_mlx.pipeline import Pipeline
 
-    pipe = Pipeline("sm-music", weights_dir=bundle, dit_dtype=mx.bfloat16, progress=False)
-    if pipe.kernels.name != "cpu":
+    pipes = [Pipeline("sm-music", weights_dir=bundle, progress=False, **d) for d in (dtypes, {})]
+    if pipes[0].kernels.name != "cpu":
         pytest.skip("the bf16 products are the CPU backend's")
+    return pipes, [p.generate("lofi house loop", seconds=1.0, steps=2, seed=3) for p in pipes]
+
+
+@needs_onednn
+def test_pipeline_dtype_plumbing(bundle):
+    (pipe, _), (result, fp32) = tiny_pipelines(bundle, dit_dtype=mx.bfloat16)
     assert pipe.dit_compute_dtype == mx.float32 and pipe.dtype_name == "bf16"
     assert any(type(m) is onednn.BF16Linear for _, m in pipe.dit.named_modules())
-    result = pipe.generate("lofi house loop", seconds=1.0, steps=2, seed=3)
-    fp32 = Pipeline("sm-music", weights_dir=bundle, progress=False).generate("lofi house loop", seconds=1.0,
-                                                                             steps=2, seed=3)
     assert result.settings.dit_dtype == "bf16" and np.isfinite(result.audio).all()
     assert snr_db(fp32.latents, result.latents) > 35
+
+
+# The reference cases' codecs with bf16 products against the official fp32 outputs, measured: SAME-S decoder
+# 53.8 dB, encoder 50.7; SAME-L decoder 48.2, encoder 50.1 (fp32: 126-131 dB; MLX's own bf16: 40-42 dB).
+CODEC_BF16_SNR_DB = 46.0
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", ["s", "l"])
+@pytest.mark.parametrize("role", ["decoder", "encoder"])
+def test_codecs_with_bf16_products_are_within_bf16_accuracy_of_the_golden(golden, family, role):
+    from tests.test_same import load_tiny
+
+    backend_ = kernels.by_name("cpu")
+    case = load_case(golden, f"case_same_{family}_{role}.npz")
+    with kernels.use(backend_):
+        model = load_tiny(golden, family, role)
+        backend_.prepare(model, mx.bfloat16)
+        linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
+        assert linears and all(type(m) is onednn.BF16Linear for m in linears)
+        out = model(mx.array(case["latents" if role == "decoder" else "audio_patches"]))
+    assert out.dtype == mx.float32
+    assert snr_db(case["patches" if role == "decoder" else "latents"], np.array(out)) > CODEC_BF16_SNR_DB
+
+
+@needs_onednn
+def test_pipeline_codec_bf16_on_the_cpu_runs_the_codec_products_in_bf16(bundle):
+    (pipe, fp32), (result, plain) = tiny_pipelines(bundle, codec_dtype=mx.bfloat16)
+    assert pipe.codec_compute_dtype == mx.float32 and pipe.codec_dtype_name == "bf16"
+    for part in (pipe.decoder, pipe.encoder):
+        assert all(type(m) is onednn.BF16Linear for _, m in part.named_modules() if isinstance(m, nn.Linear))
+    assert result.settings.codec_dtype == "bf16" and result.audio.dtype == np.float32
+    assert np.array_equal(result.latents, plain.latents)  # the DiT is untouched
+    assert snr_db(plain.audio, result.audio) > CODEC_BF16_SNR_DB
+    audio = plain.audio[0]
+    assert snr_db(fp32.encode_audio(audio), pipe.encode_audio(audio)) > CODEC_BF16_SNR_DB
