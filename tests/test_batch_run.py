@@ -193,9 +193,17 @@ def test_a_lost_worker_has_its_unit_rescheduled_once(tmp_path):
             lost.append(unit)
             return Outcome(worker, unit, error="the worker was lost (killed)", lost=True)
 
-    ex = ScriptedExecutor(out, script=script)
+    def killed_while_writing(worker, unit):
+        outcome = script(worker, unit)
+        if outcome is not None:  # what a SIGKILL between the temporary file and its rename leaves
+            (out / f".{unit.items[0].id}.wav.x1y2z3.part").write_bytes(b"RIFF")
+        return outcome
+
+    ex = ScriptedExecutor(out, script=killed_while_writing)
     summary = Driver(items, out, ex, batch_size=2, report=events.append).run()
     assert (summary.done, summary.failed) == (6, 0)
+    left = sorted(p.name for p in out.iterdir() if not p.name.startswith(".sa3"))  # the folder's lock stays
+    assert left == [f"i{k}.wav" for k in range(6)] + ["manifest.jsonl"]
     assert [type(e) for e in events if isinstance(e, WorkerLost)] == [WorkerLost]
     assert all(w == "b" for w, _ in ex.runs[1:])  # a is gone
     lines = (out / "manifest.jsonl").read_text().splitlines()

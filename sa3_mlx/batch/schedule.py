@@ -186,6 +186,9 @@ class Driver:
             else _signals_held(held, now=False)
         with guard:
             self._loop(manifest, keys, summary, held)
+        # A worker killed while it wrote an output left its temporary file (SIGKILL runs no clean-up), and a unit
+        # stopped by a second Ctrl-C may have too: nothing of this run writes any more.
+        remove_partial_files(self.folder, self.items)
         summary.wall_seconds = time.perf_counter() - started
         summary.left = summary.total - summary.skipped - summary.done - summary.failed
         return summary
