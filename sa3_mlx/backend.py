@@ -176,6 +176,34 @@ def memory_reuse_status() -> str:
     return _memory_reuse
 
 
+# OpenBLAS core types whose kernels use AVX-512 (its OPENBLAS_CORETYPE names, any case).
+OPENBLAS_AVX512_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+
+
+def _cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return set()
+    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def blas_core_note(environ=None, cpuinfo: str | None = None) -> str | None:
+    """What an ``OPENBLAS_CORETYPE`` set in the environment costs, when it holds OpenBLAS to AVX2 kernels
+    on a CPU with AVX-512: up to half the fp32 product rate (the 2-core AMD EPYC dev box: ~220 against
+    ~400 GFLOP/s, sm-music 30 s 18.2 against 12.7 s). sa3_mlx leaves the setting as it is (it is the
+    user's, or their cluster's); this is what `sa3 doctor` and the bench report say. None when unset,
+    already an AVX-512 type, or the CPU has no AVX-512."""
+    environ = os.environ if environ is None else environ
+    core = environ.get("OPENBLAS_CORETYPE", "").strip()
+    if not core or core.lower() in OPENBLAS_AVX512_CORES or "avx512f" not in _cpu_flags(cpuinfo):
+        return None
+    return (f"OPENBLAS_CORETYPE={core} is set: OpenBLAS runs AVX2 kernels on this AVX-512 CPU (up to half the "
+            "fp32 product rate); unset it to let OpenBLAS choose (README, 'Linux CPU')")
+
+
 def blas_status() -> tuple[str | None, str]:
     """``(path of the BLAS in use or None, why)`` for `sa3 doctor` and the bench header."""
     return _loaded, _reason

@@ -295,6 +295,8 @@ def hardware() -> dict:
     if mx.default_device().type == mx.DeviceType.cpu:
         info["blas"] = blas_status()[0] or "bundled reference BLAS"
         info["memory reuse"] = memory_reuse_status()
+        if os.environ.get("OPENBLAS_CORETYPE"):  # it sets the product rate (see backend.blas_core_note)
+            info["openblas coretype"] = os.environ["OPENBLAS_CORETYPE"]
     return info
 
 

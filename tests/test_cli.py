@@ -572,6 +572,26 @@ def test_doctor_reports_backend_blas_and_weights(sa3, bundle):
         assert report["weights"][f.name] == {"path": str(f), "bytes": f.stat().st_size}
 
 
+def test_an_openblas_core_type_below_the_cpu_is_reported_not_changed(sa3, monkeypatch):
+    from sa3_mlx.backend import blas_core_note
+
+    avx512 = "processor : 0\nflags : fpu sse avx2 fma avx512f avx512bw\n"
+    avx2 = "processor : 0\nflags : fpu sse avx2 fma\n"
+    note = blas_core_note({"OPENBLAS_CORETYPE": "Haswell"}, avx512)
+    assert note and "OPENBLAS_CORETYPE=Haswell" in note and "AVX2" in note
+    assert blas_core_note({"OPENBLAS_CORETYPE": "zen"}, avx512)
+    for env, cpu in (({}, avx512), ({"OPENBLAS_CORETYPE": "SkylakeX"}, avx512),
+                     ({"OPENBLAS_CORETYPE": "COOPERLAKE"}, avx512), ({"OPENBLAS_CORETYPE": "Haswell"}, avx2)):
+        assert blas_core_note(env, cpu) is None
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    code, out, err = sa3("doctor", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    if "cpu" in report["device"] and report["blas"].startswith("/") and blas_core_note() is not None:
+        assert report["blas note"] == blas_core_note()
+    assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"  # the user's setting stays
+
+
 def test_download_fetches_a_models_files_into_the_cache(bundle, tmp_path):
     files = {f"{hub.REPO_FOLDER}/{f.name}": f.read_bytes() for f in bundle.iterdir()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}

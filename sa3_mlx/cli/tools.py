@@ -66,7 +66,7 @@ def doctor(argv: list[str]) -> int:
 
     import mlx.core as mx
 
-    from ..backend import blas_status, memory_reuse_status
+    from ..backend import blas_core_note, blas_status, memory_reuse_status
 
     report: dict = {"sa3-mlx": __version__, "python": platform.python_version(),
                     "platform": f"{platform.system()} {platform.machine()}", "mlx": mx.__version__}
@@ -81,6 +81,8 @@ def doctor(argv: list[str]) -> int:
     if device.type == mx.DeviceType.cpu:
         report["blas"] = blas or f"bundled reference BLAS ({why})"
         report["memory reuse"] = memory_reuse_status()
+        if blas and (note := blas_core_note()):
+            report["blas note"] = note
     report["fp32_matmul_gflops"] = round(matmul_gflops(), 1)
 
     weights = {}
@@ -106,6 +108,8 @@ def doctor(argv: list[str]) -> int:
     for key in ("sa3-mlx", "python", "platform", "mlx", "backend", "device", "blas", "memory reuse"):
         if key in report:
             console.print(f"  [dim]{key:>12}[/dim]  {report[key]}")
+    if "blas note" in report:
+        console.print(f"  [dim]{'blas note':>12}[/dim]  [yellow]{report['blas note']}[/yellow]")
     if "device_info" in report:
         info = ", ".join(f"{k}={v}" for k, v in report["device_info"].items())
         console.print(f"  [dim]{'details':>12}[/dim]  {info}")
