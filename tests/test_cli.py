@@ -566,6 +566,9 @@ def test_doctor_reports_backend_blas_and_weights(sa3, bundle):
     assert report["fp32_matmul_gflops"] > 0
     if "cpu" in report["device"]:
         assert report["blas"]
+        from sa3_mlx.kernels import onednn
+
+        assert report["bf16 path"].startswith("oneDNN" if onednn.available() else "not available")
         # Large freed buffers are kept for reuse (glibc); SA3_REUSE_MEMORY=0 turns it off.
         assert report["memory reuse"] == ("on" if sys.platform == "linux" else "not needed on this platform")
     for f in bundle.iterdir():

@@ -67,6 +67,9 @@ def doctor(argv: list[str]) -> int:
     import mlx.core as mx
 
     from ..backend import blas_core_note, blas_status, memory_reuse_status
+    from ..runtime import configure_process
+
+    configure_process()  # what a generation runs with (memory reuse), so the report and the matmul rate are its
 
     report: dict = {"sa3-mlx": __version__, "python": platform.python_version(),
                     "platform": f"{platform.system()} {platform.machine()}", "mlx": mx.__version__}
@@ -83,6 +86,12 @@ def doctor(argv: list[str]) -> int:
         report["memory reuse"] = memory_reuse_status()
         if blas and (note := blas_core_note()):
             report["blas note"] = note
+        from ..kernels import onednn
+
+        usable, why = onednn.status()
+        report["bf16 path"] = (f"oneDNN, {why.rsplit('(', 1)[-1].rstrip(')')}: --dit-dtype bf16 and --codec-dtype "
+                               "bf16 run their products in bf16 (faster; under the 50 dB bar, README 'Linux CPU')") \
+            if usable else f"not available ({why}): --dit-dtype / --codec-dtype bf16 run MLX's own bf16 kernels"
     report["fp32_matmul_gflops"] = round(matmul_gflops(), 1)
 
     weights = {}
@@ -105,7 +114,7 @@ def doctor(argv: list[str]) -> int:
     from rich.table import Table
 
     console = Console(highlight=False)
-    for key in ("sa3-mlx", "python", "platform", "mlx", "backend", "device", "blas", "memory reuse"):
+    for key in ("sa3-mlx", "python", "platform", "mlx", "backend", "device", "blas", "memory reuse", "bf16 path"):
         if key in report:
             console.print(f"  [dim]{key:>12}[/dim]  {report[key]}")
     if "blas note" in report:
