@@ -340,6 +340,10 @@ class Pipeline:
         self.weight_bytes[role] = parameter_bytes(model)
         return model
 
+    def _decode(self, latents: mx.array) -> mx.array:
+        """``[B, 256, T]`` latents -> ``[B, 2, 4096 T]`` float32 audio (lazy), the decoder run in its compute dtype."""
+        return codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_compute_dtype))).astype(mx.float32)
+
     def _stored_dit(self) -> Mapping:
         if self._lora_base is None:
             self._lora_base = float_view(self.source.dit_weights())  # a quantized file: dequantized
@@ -570,7 +574,7 @@ class Pipeline:
         yield from self._load_stage(LOAD_DECODER, "decoder")
 
         def decode():
-            audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_compute_dtype))).astype(mx.float32)
+            audio = self._decode(latents)
             mx.eval(audio)
             return audio
 
@@ -622,7 +626,7 @@ class Pipeline:
     def _preview(self, done: int, total: int, denoised: mx.array, seconds: float) -> Preview:
         t0 = time.perf_counter()
         latents = denoised.astype(mx.float32)
-        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_compute_dtype))).astype(mx.float32)
+        audio = self._decode(latents)
         audio = self.kernels.to_numpy(audio[0, :, :int(round(seconds * SAMPLE_RATE))])
         return Preview(done, total, audio, time.perf_counter() - t0)
 
@@ -704,7 +708,7 @@ class Pipeline:
         drain(self._load_stage(LOAD_DECODER, "decoder"))
 
         def decode():
-            audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_compute_dtype))).astype(mx.float32)
+            audio = self._decode(latents)
             mx.eval(audio)
             return audio
 
@@ -798,7 +802,7 @@ class Pipeline:
         """The codec alone: ``[256, T]`` latents -> ``[2, 4096 T]`` float32 audio, the exact chunked decode
         a generation uses (``sa3 decode-latents``)."""
         latents = mx.array(np.asarray(latents, dtype=np.float32)[None])
-        audio = codec.unpatchify(codec.decode(self.decoder, latents.astype(self.codec_compute_dtype))).astype(mx.float32)
+        audio = self._decode(latents)
         return self.kernels.to_numpy(audio[0])
 
     def encode_init(self, audio: np.ndarray, n_lat: int) -> mx.array:
