@@ -180,7 +180,9 @@ def memory_reuse_status() -> str:
 OPENBLAS_AVX512_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
 
 
-def _cpu_flags(cpuinfo: str | None = None) -> set[str]:
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags, from the first ``flags`` line of ``/proc/cpuinfo`` (or of ``cpuinfo``); empty
+    where there is none."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -198,7 +200,7 @@ def blas_core_note(environ=None, cpuinfo: str | None = None) -> str | None:
     already an AVX-512 type, or the CPU has no AVX-512."""
     environ = os.environ if environ is None else environ
     core = environ.get("OPENBLAS_CORETYPE", "").strip()
-    if not core or core.lower() in OPENBLAS_AVX512_CORES or "avx512f" not in _cpu_flags(cpuinfo):
+    if not core or core.lower() in OPENBLAS_AVX512_CORES or "avx512f" not in cpu_flags(cpuinfo):
         return None
     return (f"OPENBLAS_CORETYPE={core} is set: OpenBLAS runs AVX2 kernels on this AVX-512 CPU (up to half the "
             "fp32 product rate); unset it to let OpenBLAS choose (README, 'Linux CPU')")

@@ -88,10 +88,10 @@ def doctor(argv: list[str]) -> int:
             report["blas note"] = note
         from ..kernels import onednn
 
-        usable, why = onednn.status()
-        report["bf16 path"] = (f"oneDNN, {why.rsplit('(', 1)[-1].rstrip(')')}: --dit-dtype bf16 and --codec-dtype "
-                               "bf16 run their products in bf16 (faster; under the 50 dB bar, README 'Linux CPU')") \
-            if usable else f"not available ({why}): --dit-dtype / --codec-dtype bf16 run MLX's own bf16 kernels"
+        usable, bf16_why = onednn.status()
+        report["bf16 path"] = (f"oneDNN {bf16_why}: --dit-dtype bf16 and --codec-dtype bf16 run their products in "
+                               "bf16 (faster; under the 50 dB bar, README 'Linux CPU')") if usable else \
+            f"not available ({bf16_why}): --dit-dtype / --codec-dtype bf16 run MLX's own bf16 kernels"
     report["fp32_matmul_gflops"] = round(matmul_gflops(), 1)
 
     weights = {}

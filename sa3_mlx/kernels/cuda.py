@@ -123,7 +123,6 @@ class CUDAKernels(Kernels):
             output_dtypes=[values.dtype],
         )[0]
 
-
     def to_numpy(self, x: mx.array) -> np.ndarray:
         """As the reference, with the bytes moved by the CUDA runtime's copy engine (``cudaMemcpy``,
         ``cudaMemcpy2D`` for a slice of rows) instead of numpy reading MLX's managed memory from the

@@ -27,11 +27,12 @@ import platform
 import sys
 import threading
 import weakref
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from ..backend import cpu_flags
 
 ENV_VAR = "SA3_ONEDNN"
 LIB_ENV_VAR = "SA3_ONEDNN_LIB"
@@ -120,16 +121,7 @@ _status_lock = threading.Lock()
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     """Whether the CPU has native bf16 dot products (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[-1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
 def library_candidates() -> list[str]:
