@@ -47,18 +47,20 @@ def bit_widths(text: str) -> list[int]:
     return [int(w) for w in dict.fromkeys(words)]
 
 
-COMPILE_MODES = {"auto": (False, None), "fused": (True, True), "adamw": (False, True), "off": (False, False)}
+# (fused blocks, compiled AdamW, compiled step); None = the device's default
+COMPILE_MODES = {"auto": (False, None, None), "step": (False, True, True), "fused": (True, True, False),
+                 "adamw": (False, True, False), "off": (False, False, False)}
 
 
-def compile_modes(text: str) -> list[tuple[bool, bool | None]]:
-    """``--fused fused,adamw,off`` -> (fused blocks, compiled AdamW; None = the device's default) per mode;
-    anything else is a UsageError (one line)."""
+def compile_modes(text: str) -> list[tuple[bool, bool | None, bool | None]]:
+    """``--fused step,fused,adamw,off`` -> (fused blocks, compiled AdamW, compiled step; None = the device's
+    default) per mode; anything else is a UsageError (one line)."""
     from .arguments import UsageError
 
     words = [w.strip() for w in text.split(",") if w.strip()]
     bad = [w for w in words if w not in COMPILE_MODES]
     if not words or bad:
-        raise UsageError(f"--fused {text!r}: a comma-separated list of {', '.join(COMPILE_MODES)}")
+        raise UsageError(f"--compiled {text!r}: a comma-separated list of {', '.join(COMPILE_MODES)}")
     return [COMPILE_MODES[w] for w in words]
 
 
@@ -379,23 +381,26 @@ def train_main(args) -> int:
     for model in models:
         for adapter in adapters:
             for crop in crops:
-                for fused, compiled_optimizer in fused_modes:
+                for fused, compiled_optimizer, compiled_step in fused_modes:
                     console.print(f"  training {model} {adapter} r{args.rank} crop {crop} ...", end="")
                     r = bench_step(model, crop, adapter, args.rank, steps=steps, warmup=max(warmup, 1),
                                    dtype=args.dit_dtype, checkpointing=args.checkpointing, fused=fused,
-                                   compiled_optimizer=compiled_optimizer)
+                                   compiled_optimizer=compiled_optimizer, compiled_step=compiled_step)
                     results.append(r)
-                    console.print(f" {r['ms_per_step']:.0f} ms/step (fused: {r['fused']}, compiled AdamW: "
-                                  f"{r['compiled_optimizer']}, first step {r['first_step_s']:.1f} s)")
+                    console.print(f" {r['ms_per_step']:.0f} ms/step (compiled step: {r['compiled_step']}, fused: "
+                                  f"{r['fused']}, compiled AdamW: {r['compiled_optimizer']}, first step "
+                                  f"{r['first_step_s']:.1f} s)")
     if args.json:
         print(json.dumps({"hardware": hw, "results": results}, indent=2))
         return 0
     table = Table(box=None, padding=(0, 1))
-    for column in ("model", "adapter", "crop", "base", "fused", "ms/step", "it/s", "first step", "peak mem",
+    for column in ("model", "adapter", "crop", "base", "compiled", "ms/step", "it/s", "first step", "peak mem",
                    "trainable"):
         table.add_column(column, justify="left" if column in ("model", "adapter") else "right")
     for r in results:
-        table.add_row(r["model"], r["adapter"], str(r["crop"]), r["base_precision"], "yes" if r["fused"] else "no",
+        compiled = "step" if r["compiled_step"] else "fused" if r["fused"] else \
+            "adamw" if r["compiled_optimizer"] else "off"
+        table.add_row(r["model"], r["adapter"], str(r["crop"]), r["base_precision"], compiled,
                       f"{r['ms_per_step']:.0f}", f"{r['it_per_s']:.2f}", f"{r['first_step_s']:.1f} s",
                       f"{r['peak_bytes'] / 1024**3:.2f} GB", f"{r['trainable_parameters']:,}")
     console.print(table)
@@ -533,9 +538,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--adapters", default="dora-rows,lora", help="--train: comma-separated adapter types")
     p.add_argument("--rank", type=int, default=16, help="--train: adapter rank (16)")
     p.add_argument("--checkpointing", action="store_true", help="--train: gradient checkpointing of the blocks")
-    p.add_argument("--fused", default="auto", metavar="LIST",
-                   help="--train: what is compiled: auto (AdamW on GPUs), adamw, fused (the blocks too: sa3 train "
-                        "--fused), off, or a list (fused,adamw,off) to compare")
+    p.add_argument("--compiled", "--fused", dest="fused", default="auto", metavar="LIST",
+                   help="--train: what is compiled: auto (the device's default: the step and AdamW on GPUs, nothing "
+                        "on the CPU), step (the whole forward and backward pass, and AdamW), fused (the blocks: sa3 "
+                        "train --fused), adamw (AdamW only), off, or a list (step,adamw,off) to compare")
     p.add_argument("--batch", type=positive_int, metavar="CLIPS",
                    help="time `sa3 batch` instead: CLIPS clips of the first --models/--seconds (random full-size weights "
                         "in --bundle-dir) in this process and with --batch-workers Ray workers, against a loop of "

@@ -14,7 +14,8 @@ from . import backend
 
 _configured = False
 # MLX CUDA compiles its kernels at first use (NVRTC) and keeps them in this folder: on an H200
-# the fused training step's first use took 118-224 s, a later process's 1.5 s.
+# the fused training step's first use took 118-224 s, a later process's 1.5 s; the compiled step's
+# over 95 s (small model) and over 200 s (medium dora-rows), a later process's 0.4-1.4 s.
 KERNEL_CACHE = Path.home() / ".cache" / "sa3-mlx" / "cuda-kernels"
 # MLX CUDA records the kernels it launches into CUDA graphs (``MLX_USE_CUDA_GRAPHS``, read once, at the
 # process's first GPU work). A sampler step gains from that, a training step loses: on an H200 (bf16,
@@ -32,11 +33,11 @@ def configure_process(training: bool = False) -> None:
     directly rather than through CUDA graphs (:data:`CUDA_GRAPHS_VAR`), unless the variable is set. MLX
     reads it at the process's first GPU work, so this must come before any."""
     global _configured
-    if training and CUDA_GRAPHS_VAR not in os.environ and _on_cuda():
+    if training and CUDA_GRAPHS_VAR not in os.environ and on_cuda():
         os.environ[CUDA_GRAPHS_VAR] = "0"
     if not _configured:
         backend.reuse_freed_memory()
-        if "MLX_PTX_CACHE_DIR" not in os.environ and _on_cuda():  # read when MLX first compiles a kernel
+        if "MLX_PTX_CACHE_DIR" not in os.environ and on_cuda():  # read when MLX first compiles a kernel
             try:
                 KERNEL_CACHE.mkdir(parents=True, exist_ok=True)
                 os.environ["MLX_PTX_CACHE_DIR"] = str(KERNEL_CACHE)
@@ -54,7 +55,13 @@ def compile_by_default() -> bool:
     return {"0": False, "1": True}.get(os.environ.get("SA3_COMPILE", ""), on_gpu)
 
 
-def _on_cuda() -> bool:
+def compile_training_step_by_default() -> bool:
+    """The training step (forward and backward pass) as one compiled graph: on GPUs, where the step is bound
+    by launching its ~20k operations (docs/performance.md); not on CPUs. ``SA3_COMPILE=0|1`` overrides."""
+    return compile_by_default()
+
+
+def on_cuda() -> bool:
     import mlx.core as mx
 
     cuda = getattr(mx, "cuda", None)

@@ -34,7 +34,7 @@ def test_training_turns_cuda_graphs_off_on_cuda_only_unless_set(monkeypatch):
 
     var = runtime.CUDA_GRAPHS_VAR
     monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(runtime, "_on_cuda", lambda: True)
+    monkeypatch.setattr(runtime, "on_cuda", lambda: True)
     configure_process()
     assert var not in os.environ
     configure_process(training=True)  # after an inference configuration too: it is decided per process
@@ -43,7 +43,7 @@ def test_training_turns_cuda_graphs_off_on_cuda_only_unless_set(monkeypatch):
     configure_process(training=True)
     assert os.environ[var] == "1"
     monkeypatch.delenv(var)
-    monkeypatch.setattr(runtime, "_on_cuda", lambda: False)
+    monkeypatch.setattr(runtime, "on_cuda", lambda: False)
     configure_process(training=True)
     assert var not in os.environ
 
@@ -68,3 +68,22 @@ def test_cold_start_runs_sa3_from_a_written_bundle(tmp_path, monkeypatch):
     result = bench.run_cold("sm-music", 1.0, 1, str(folder))
     assert result["cold_wall_s"] > result["load_s"] > 0 and 10 << 20 < result["peak_rss_bytes"] < 1 << 40
     assert set(result["stages"]) >= {"load text encoder", "load DiT", "sampling", "decoding"}
+
+
+def test_train_compile_modes(monkeypatch):
+    """`sa3 bench --train --compiled LIST`: each word its (fused blocks, compiled AdamW, compiled step); `auto` leaves
+    the last two to the device; a bad word is one line naming the choices. The device default compiles the step
+    on GPUs only, and SA3_COMPILE overrides it."""
+    import pytest
+
+    from sa3_mlx import runtime
+    from sa3_mlx.arguments import UsageError
+
+    assert bench.compile_modes("step, adamw,off") == [(False, True, True), (False, True, False), (False, False, False)]
+    assert bench.compile_modes("auto,fused") == [(False, None, None), (True, True, False)]
+    with pytest.raises(UsageError, match=r"--compiled 'step,quick': a comma-separated list of auto, step, fused"):
+        bench.compile_modes("step,quick")
+    monkeypatch.setenv("SA3_COMPILE", "1")
+    assert runtime.compile_training_step_by_default()
+    monkeypatch.setenv("SA3_COMPILE", "0")
+    assert not runtime.compile_training_step_by_default()

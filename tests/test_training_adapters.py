@@ -99,7 +99,7 @@ def test_differential_dit_step_equals_the_merged_form(kind):
     mx.random.seed(0)
     rng = np.random.default_rng(0)
     steps = []
-    for _ in range(3):
+    for _ in range(4):
         dit, cond = DiT(config), Conditioner(ConditionerConfig(cond_dim=32, seconds_features=256))
         steps.append((dit, cond))
     weights = dict(tree_flatten(steps[0][0].parameters()))
@@ -123,9 +123,11 @@ def test_differential_dit_step_equals_the_merged_form(kind):
     loss_m, grads_m = _MergedStep(*steps[1], lora).loss_and_grad(params, batch)
     # --fused (compiled blocks, the backward pass written out), here with a padded item and a value mask
     loss_c, grads_c = TrainStep(*steps[2], lora, mask_loss_weight=1.0, fused=True).loss_and_grad(params, batch)
+    # the GPUs' default: the step as one compiled graph
+    loss_s, grads_s = TrainStep(*steps[3], lora, mask_loss_weight=1.0, compiled=True).loss_and_grad(params, batch)
     scale = max(float(mx.abs(g).max()) for g in grads_m.values())
     assert scale > 0
-    for loss, grads in ((loss_f, grads_f), (loss_c, grads_c)):
+    for loss, grads in ((loss_f, grads_f), (loss_c, grads_c), (loss_s, grads_s)):
         assert abs(float(loss) - float(loss_m)) <= 2e-6 * abs(float(loss_m))
         assert set(grads) == set(grads_m)
         for key, g in grads_m.items():

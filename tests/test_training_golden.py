@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from sa3_mlx import upstream
+from sa3_mlx.runtime import compile_training_step_by_default
 from sa3_mlx.training import objective
 from sa3_mlx.training.adapters import AdapterConfig, LoraParametrization
 from sa3_mlx.training.optimizer import AdamW
@@ -86,7 +87,9 @@ def run(request, model, golden):
     case = load_case(golden / "train", f"case_train_{name}.npz")
     lora = LoraParametrization.build(model.dit_weights, _config(case), bases=_bases(case) or None)
     dit, conditioner = model.load_dit()
-    step = TrainStep(dit, conditioner, lora, mask_loss_weight=1.0 if name == "trainlora" else 0.0)
+    # compiled as GPUs run it under SA3_COMPILE=1 (scripts/test.sh --gpu-path), plain otherwise
+    step = TrainStep(dit, conditioner, lora, mask_loss_weight=1.0 if name == "trainlora" else 0.0,
+                     compiled=compile_training_step_by_default())
     params = {k[len("before/"):]: mx.array(v) for k, v in case.items() if k.startswith("before/")}
     batch = _batch(case)
     out = step.forward(params, batch)
@@ -312,6 +315,43 @@ def test_fused_step_gives_upstreams_step(model, golden, name):
     # the layers' modules hold their own weights again (the trace swaps a template's in and out)
     after, _ = step.loss_and_grad(params, _batch(case))
     assert float(after) == float(loss)
+
+
+@pytest.mark.parametrize("name", ["dora-rows", "bora", "trainlora"])
+def test_compiled_step_gives_upstreams_step(model, golden, name):
+    """The GPUs' default (the forward and backward pass as one mx.compile'd graph): upstream's loss and every
+    gradient; later calls run the trace with their own tensors and batch (nothing of the first is kept), and
+    another batch shape gets its own trace."""
+    case = load_case(golden / "train", f"case_train_{name}.npz")
+    lora = LoraParametrization.build(model.dit_weights, _config(case), bases=_bases(case) or None)
+    dit, conditioner = model.load_dit()
+    step = TrainStep(dit, conditioner, lora, mask_loss_weight=1.0 if name == "trainlora" else 0.0, compiled=True)
+    assert step.compiled
+    params = {k[len("before/"):]: mx.array(v) for k, v in case.items() if k.startswith("before/")}
+    batch = _batch(case)
+    loss, grads = step.loss_and_grad(params, batch)
+    close(loss, case["loss"], f"compiled {name} loss")
+    assert set(grads) == {k[len("grad/"):] for k in case if k.startswith("grad/")}
+    scale = max(float(np.abs(case["grad/" + k]).max()) for k in grads)
+    for key, g in grads.items():
+        close(g, case["grad/" + key], f"compiled {name} grad {key}", scale=scale)
+    # upstream's tensors after its first AdamW step: its second gradient, through the same trace
+    after = {k: mx.array(case["after/" + k]) for k in params}
+    loss2, grads2 = step.loss_and_grad(after, batch)
+    plain = TrainStep(*model.load_dit(), LoraParametrization.build(model.dit_weights, _config(case),
+                      bases=_bases(case) or None), mask_loss_weight=step.mask_loss_weight)
+    loss2_plain, grads2_plain = plain.loss_and_grad(after, batch)
+    assert float(loss2_plain) != float(loss)
+    close(loss2, loss2_plain, f"compiled {name} loss at step 2")  # equal on the CPU (measured), fused on a GPU
+    scale = max(float(np.abs(g).max()) for g in grads2_plain.values())
+    for key in grads2:
+        close(grads2[key], grads2_plain[key], f"compiled {name} grad at step 2 {key}", scale=scale)
+    # a shorter crop: a new trace, the plain step's values
+    short = Batch(**{f: (v[..., :-8] if f in ("x0", "noise") else v[:, :-8] if f in ("padding_mask", "inpaint_mask")
+                         else v) for f, v in vars(batch).items()})
+    loss3, loss3_plain = step.loss_and_grad(params, short)[0], plain.loss_and_grad(params, short)[0]
+    assert float(loss3_plain) != float(loss)
+    close(loss3, loss3_plain, f"compiled {name} loss of a shorter crop")
 
 
 def test_compiled_adamw_equals_the_plain_update(golden):

@@ -249,6 +249,22 @@ def test_half_precision_base_with_checkpointing(tmp_path, clips, ckpt, precision
     assert abs(losses[0] - full.log[0]["loss"]) < 0.05 * full.log[0]["loss"]
 
 
+def test_compiled_step_trains_as_the_plain_step(tmp_path, clips, ckpt, capsys):
+    """sa3 train --compiled-step on (the GPUs' default): the plain run's losses; the CLI says what the first step
+    does."""
+    plain = train(_config(clips, tmp_path / "plain", ckpt=ckpt, steps=4, compiled_step=False))
+    code = main(["train", str(clips), "--model", str(ckpt), "--out", str(tmp_path / "compiled"), "--rank", "4",
+                 "--lr", "1e-3", "--crop", "16", "--seed", "3", "--save-every", "0", "--plot-every", "0",
+                 "--steps", "4", "--batch-size", "2", "--compiled-step", "on", "--quiet"])
+    assert code == 0
+    assert "the first step traces the compiled step" in capsys.readouterr().err
+    log = [json.loads(line) for line in (tmp_path / "compiled" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4
+    for a, b in zip(log, plain.log):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)
+    assert json.loads((tmp_path / "compiled" / "train_config.json").read_text())["compiled_step"] is True
+
+
 def test_python_api(tmp_path, clips, ckpt):
     import sa3_mlx
 

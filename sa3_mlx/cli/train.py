@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -200,6 +201,10 @@ def build_train_parser() -> Parser:
     g.add_argument("--fused", action="store_true", help="GPUs: each DiT block as one compiled function with "
                    "the backward pass written out block by block (less memory, like --checkpointing; with CUDA graphs on it "
                    "was faster for the small model's lora; its first use on a machine compiles kernels for minutes)")
+    g.add_argument("--compiled-step", choices=("auto", "on", "off"), default="auto",
+                   help="the forward and backward pass as one compiled graph (fused element-wise kernels): auto = on "
+                        "GPUs (faster there: the step is bound by launching its operations), off on the CPU; the first "
+                        "step traces it, and its first use on a machine compiles kernels for minutes (cached)")
     g.add_argument("--cache", type=Path, metavar="DIR", help="latent cache (default FOLDER/.sa3-cache)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
@@ -234,7 +239,8 @@ def train(argv: list[str]) -> int:
         mask_loss_weight=args.mask_loss_weight, inpaint_probs=args.inpaint_probs,
         silence_extension=args.silence_extension, ot_coupling=not args.no_ot_coupling,
         weight_decay=args.weight_decay, warmup_steps=args.warmup, clip_norm=args.clip,
-        base_precision=args.base_precision, checkpointing=args.checkpointing, fused=args.fused, trigger=args.trigger,
+        base_precision=args.base_precision, checkpointing=args.checkpointing, fused=args.fused,
+        compiled_step={"auto": None, "on": True, "off": False}[args.compiled_step], trigger=args.trigger,
         trigger_prob=args.trigger_prob, tag_keep=args.tag_keep,
         cache=str(args.cache) if args.cache else None, plot_every=args.plot_every)
     configure_process(training=True)
@@ -281,6 +287,12 @@ class _TrainBar:
         c.line(f"training {trainer.lora.config.adapter_type} r{trainer.lora.config.rank} on {len(trainer.items)} "
                f"file(s): {len(trainer.lora.targets)} modules, {trainer.lora.trainable_count():,} parameters, crop "
                f"{trainer.crop} latents -> {trainer.run_dir}")
+        if trainer.step_fn.compiled or trainer.step_fn.fused:
+            from ..runtime import on_cuda
+
+            c.line("  the first step traces the compiled step" + (
+                   "; a machine's first run also builds its GPU kernels, which takes minutes (they are kept in "
+                   f"{os.environ.get('MLX_PTX_CACHE_DIR', '~/.cache/sa3-mlx/cuda-kernels')})" if on_cuda() else ""))
         if not c.enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -147,7 +147,13 @@ def random_source(model: str = "sm-music") -> ModuleSource:
 
         mx.random.seed(1)
         config = DiTConfig(**RELEASED_DIT[model])
-        return DiT(config), Conditioner(ConditionerConfig(cond_dim=config.cond_token_dim, seconds_features=256))
+        dit = DiT(config)
+        conditioner = Conditioner(ConditionerConfig(cond_dim=config.cond_token_dim, seconds_features=256))
+        # the seconds embedding at a Linear's initial scale: its zeros would give a DoRA adapter on it a zero
+        # row norm (NaN gradients in `sa3 bench --train`, as upstream's DoRA would give)
+        w = conditioner.seconds_total_weight
+        conditioner.seconds_total_weight = mx.random.uniform(-1, 1, w.shape) * w.shape[1] ** -0.5
+        return dit, conditioner
 
     def codec(name: str, role: str):
         import mlx.core as mx

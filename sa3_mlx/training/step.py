@@ -15,7 +15,7 @@ README, "Conventions found in upstream (training)"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -62,8 +62,12 @@ class TrainStep:
     each call); ``mask_loss_weight`` > 0 adds the context loss (train_lora.py: 1).
     """
 
+    compiled = False
+    _compiled_grad = None
+    _fused = None
+
     def __init__(self, dit, conditioner, lora: LoraParametrization, mask_loss_weight: float = 0.0,
-                 checkpointing: bool = False, fused: bool = False):
+                 checkpointing: bool = False, fused: bool = False, compiled: bool = False):
         self.dit, self.conditioner, self.lora = dit, conditioner, lora
         self.mask_loss_weight = float(mask_loss_weight)
         # fused: the blocks as compiled functions shared by every layer, the backward pass
@@ -96,6 +100,11 @@ class TrainStep:
         self._stacks = [] if self.fused else self._stacked_adapters()
         self._fused = FusedBlocks(dit.transformer.layers) if self.fused else None
         self._grad = mx.value_and_grad(self._loss)
+        # compiled: the whole forward and backward pass traced once per batch shape into one graph, whose
+        # element-wise chains run as fused kernels (on an H200 fewer launches per step: the step is bound by
+        # them, docs/performance.md). A batch's arrays are its inputs; the frozen weights are constants.
+        self.compiled = bool(compiled) and not self.fused
+        self._compiled_grad = mx.compile(self._arrays_loss_and_grad) if self.compiled else None
 
     def _stacked_adapters(self) -> list[StackedAdapters]:
         """Each module kind's adapters over the blocks, their per-step work batched (same values)."""
@@ -185,11 +194,18 @@ class TrainStep:
     def _loss(self, params, batch: Batch):
         return self.forward(params, batch)["loss"]
 
+    def _arrays_loss_and_grad(self, params, arrays: dict):
+        return self._grad(params, Batch(**arrays))
+
     def loss_and_grad(self, params, batch: Batch):
         """``(loss, grads)`` with the grads in the layout of ``params``."""
         with kernels.use("mlx"):
             if self._fused is not None:
                 return self._fused_loss_and_grad(params, batch)
+            if self._compiled_grad is not None:
+                # only the arrays a batch has: a compiled function takes no None (its trace keeps the fields)
+                arrays = {f.name: getattr(batch, f.name) for f in fields(batch) if getattr(batch, f.name) is not None}
+                return self._compiled_grad(params, arrays)
             return self._grad(params, batch)
 
     def _fused_loss_and_grad(self, params, batch: Batch):
