@@ -375,8 +375,11 @@ def run_in_terminal(args: list, cwd: Path, interrupt_when: str | None = None, ti
     """
     master, slave = pty.openpty()
     env = dict(os.environ, COLUMNS="120", TERM="xterm")
+    # Ctrl-C as a terminal delivers it even when this suite runs as a background job, whose children inherit an
+    # ignored SIGINT (Python then installs no KeyboardInterrupt handler, as a background program should not).
     proc = subprocess.Popen([sys.executable, "-m", "sa3_mlx", *map(str, args)], cwd=cwd, env=env,
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(slave)
     printed, deadline, interrupted = b"", time.monotonic() + timeout, False
     try:
