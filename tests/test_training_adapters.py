@@ -147,3 +147,30 @@ def test_a_bfloat16_base_in_memory_builds_adapters():
                                           AdapterConfig("lora", 2), base_dtype=mx.bfloat16)
     assert [t.key for t in built.targets] == [t.key for t in reference.targets] == list(weights)
     assert mx.array_equal(built.targets[0].w0, reference.targets[0].w0).item()
+
+
+def test_unstack_is_views_with_one_concatenation_for_the_gradient():
+    """The batched adapters' per-module parts: the values of mx.split's parts, the same gradient (zeros for a part
+    left unused), and no slice update in the graph of the gradient."""
+    import re
+    import tempfile
+
+    from sa3_mlx.training.adapters import unstack
+
+    rng = np.random.default_rng(0)
+    a, w = mx.array(rng.standard_normal((4, 3, 2)).astype(np.float32)), mx.array(rng.standard_normal((3, 2)))
+
+    def loss(split):
+        return lambda a: sum(mx.sum(p * w * (i + 1)) for i, p in enumerate(split(a)[:3]))
+
+    parts = unstack(a)
+    assert [p.shape for p in parts] == [(1, 3, 2)] * 4
+    for p, q in zip(parts, mx.split(a, 4, axis=0)):
+        np.testing.assert_array_equal(np.array(p), np.array(q))
+    g = mx.grad(loss(unstack))(a)
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:  # the graph, before it is evaluated
+        mx.export_to_dot(f.name, g)
+        labels = re.findall(r'label ="(\w+)', f.read())
+    assert "Concatenate" in labels and "SliceUpdate" not in labels
+    np.testing.assert_array_equal(np.array(g), np.array(mx.grad(loss(lambda a: mx.split(a, 4, axis=0)))(a)))
+    assert not np.any(np.array(g[3]))

@@ -251,6 +251,19 @@ def factored_scales(kind: str, s: float, p: Mapping[str, mx.array], left: mx.arr
     return rows, p["magnitude_c"] / (mx.sqrt(mx.maximum(sq_c, 0)) + EPS)
 
 
+@mx.custom_function
+def unstack(a: mx.array) -> list[mx.array]:
+    """``a``'s parts along its first axis, each keeping that axis (length 1): views of ``a``. Its gradient is
+    one concatenation of the parts' gradients, where slicing's own is a full-size zero array, a slice update and
+    an addition per part (on a GPU a training step is bound by its number of operations)."""
+    return [a[i : i + 1] for i in range(a.shape[0])]
+
+
+@unstack.vjp
+def _unstack_vjp(primal, cotangents, outputs):
+    return mx.concatenate(list(cotangents), axis=0)
+
+
 class StackedAdapters:
     """Several adapted modules of one type and shape (the same module of every DiT block), their per-step
     work done as batched operations: the DoRA / BoRA scales (a few products instead of a few dozen
@@ -297,7 +310,7 @@ class StackedAdapters:
         if cols is not None:
             given["cols"] = cols.astype(dtype)
         # Each module's part keeps the leading axis of 1, which its products and scalings broadcast over.
-        parts = {k: mx.split(v, n, axis=0) for k, v in given.items()}
+        parts = {k: unstack(v) for k, v in given.items()}
         for i, layer in enumerate(self.layers):
             layer.given = {k: v[i] for k, v in parts.items()}
 
