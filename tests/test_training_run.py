@@ -231,6 +231,9 @@ def test_bad_settings_are_one_line_errors(tmp_path, clips, ckpt, capsys):
     assert main(["train", str(tmp_path / "missing"), "--model", str(ckpt)]) == 2
     assert main(["train", str(clips), "--model", str(ckpt), "--resume", str(tmp_path / "none")]) == 2
     assert "no train_config.json" in capsys.readouterr().err
+    assert main(["train", str(clips), "--model", str(ckpt), "--fused", "--compiled-step", "on"]) == 2
+    assert "error: --fused and --compiled-step on are two ways of compiling the step: choose one" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

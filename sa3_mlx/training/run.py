@@ -91,6 +91,8 @@ class TrainConfig:
             raise ValueError("cfg dropout, trigger and tag probabilities must be in 0..1")
         if self.demo_every and not self.demo_prompts:
             raise ValueError("demo clips every N steps need prompts (--demo-prompts)")
+        if self.fused and self.compiled_step:
+            raise ValueError("--fused and --compiled-step on are two ways of compiling the step: choose one")
 
     def adapter_config(self) -> AdapterConfig:
         tup = (lambda v: None if v is None else tuple(v))
