@@ -24,7 +24,7 @@ import pytest
 from sa3_mlx import upstream
 from sa3_mlx.runtime import compile_training_step_by_default
 from sa3_mlx.training import objective
-from sa3_mlx.training.adapters import AdapterConfig, LoraParametrization
+from sa3_mlx.training.adapters import PARAMS, AdapterConfig, LoraParametrization, param_key
 from sa3_mlx.training.optimizer import AdamW
 from sa3_mlx.training.step import Batch, TrainStep
 
@@ -352,6 +352,30 @@ def test_compiled_step_gives_upstreams_step(model, golden, name):
     loss3, loss3_plain = step.loss_and_grad(params, short)[0], plain.loss_and_grad(params, short)[0]
     assert float(loss3_plain) != float(loss)
     close(loss3, loss3_plain, f"compiled {name} loss of a shorter crop")
+
+
+def test_packed_layout_is_the_same_step(model, golden):
+    """What a trainer steps in (TrainStep.pack: each stacked module kind's tensors of one name as one array):
+    fewer tensors, the same gradients and AdamW updates, and back to the saved names exactly."""
+    case = load_case(golden / "train", "case_train_dora-rows.npz")
+    lora = LoraParametrization.build(model.dit_weights, _config(case))
+    step = TrainStep(*model.load_dit(), lora)
+    params = {k[len("before/"):]: mx.array(v) for k, v in case.items() if k.startswith("before/")}
+    packed = step.pack(params)
+    assert len(packed) < len(params) and any(k.startswith("packed.") for k in packed)
+    back = step.unpack(packed)
+    assert list(back) == [k for k in (param_key(t.module, p) for t in lora.targets for p in PARAMS["dora-rows"])]
+    for k in params:
+        np.testing.assert_array_equal(np.array(back[k]), np.array(params[k]), err_msg=k)
+    loss, grads = step.loss_and_grad(params, _batch(case))
+    loss_p, grads_p = step.loss_and_grad(packed, _batch(case))
+    assert set(grads_p) == set(packed) and float(loss_p) == float(loss)
+    for k, g in step.unpack(grads_p).items():
+        np.testing.assert_array_equal(np.array(g), np.array(grads[k]), err_msg=k)
+    after, _ = _optimizer(case).update(params, grads)
+    after_p, _ = _optimizer(case).update(packed, grads_p)
+    for k, p in step.unpack(after_p).items():
+        np.testing.assert_array_equal(np.array(p), np.array(after[k]), err_msg=k)
 
 
 def test_compiled_adamw_equals_the_plain_update(golden):

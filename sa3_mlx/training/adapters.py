@@ -291,13 +291,19 @@ class StackedAdapters:
                 layer._bases = (u, v)
         mx.eval([layer._w0 for layer in layers])
 
-    def assign(self) -> None:
+    def stack(self, adapters: list[Mapping[str, mx.array]]) -> dict[str, mx.array]:
+        """The layers' adapter tensors (one mapping per layer) as one ``[n, ...]`` array per tensor name."""
+        n = len(self.layers)
+        # concatenate + reshape: one operation where stack makes n
+        return {name: mx.concatenate([a[name] for a in adapters], axis=0).reshape(n, *adapters[0][name].shape)
+                for name in PARAMS[self.kind]}
+
+    def assign(self, p: Mapping[str, mx.array] | None = None) -> None:
+        """This step's factors and scales for every layer, from ``p`` (:meth:`stack`'s layout: what a packed
+        step trains) or else from the layers' own adapter tensors."""
         n, dtype = len(self.layers), self.w0.dtype  # the DiT computes in its weights' dtype
-        # concatenate + reshape, split + squeeze: one operation each way where stack / indexing make n
-        p = {}
-        for name in PARAMS[self.kind]:
-            parts = [layer.adapter[name] for layer in self.layers]
-            p[name] = mx.concatenate(parts, axis=0).reshape(n, *parts[0].shape)
+        if p is None:
+            p = self.stack([layer.adapter for layer in self.layers])
         if self.bases is not None:  # -xs: L = V^T, R = U M
             u, v = self.bases
             left, right = v.swapaxes(-1, -2), u @ p["M_xs"]

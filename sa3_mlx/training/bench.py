@@ -37,7 +37,7 @@ def bench_step(model: str = "sm-music", crop: int = 256, adapter: str = "dora-ro
     compiled_step = compile_training_step_by_default() if compiled_step is None else compiled_step
     step = TrainStep(dit, conditioner, lora, mask_loss_weight=1.0, checkpointing=checkpointing, fused=fused,
                      compiled=compiled_step)
-    params = lora.init_params(seed=0)
+    params = step.pack(lora.init_params(seed=0))  # the layout `sa3 train` steps in
     optimizer = AdamW(compiled=compile_by_default() if compiled_optimizer is None else compiled_optimizer)
     rng = np.random.default_rng(0)
     B, C, T = batch_size, dit.config.io_channels, crop

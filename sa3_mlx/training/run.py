@@ -155,11 +155,37 @@ class Trainer:
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.optimizer = AdamW(lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay,
                                warmup_steps=c.warmup_steps, clip_norm=c.clip_norm, compiled=compile_by_default())
-        self.params = self.lora.init_params(seed=c.seed)
+        self.params = self.lora.init_params(seed=c.seed)  # held packed (TrainStep.pack): what the steps update
         self.step, self.epoch, self.position = 0, 0, 0
         self.silence = silence_latent(c.data, self.model, c.cache).astype(np.float32)
 
     # ---- state
+    @property
+    def params(self) -> dict[str, mx.array]:
+        """The LoRA tensors by their saved names (upstream's)."""
+        return self.step_fn.unpack(self.packed)
+
+    @params.setter
+    def params(self, params: dict[str, mx.array]) -> None:
+        self.packed = self.step_fn.pack(params)
+
+    def optimizer_arrays(self) -> dict[str, mx.array]:
+        """AdamW's state by the saved names (``<name>.m``, ``<name>.v``), whatever layout it steps in."""
+        state = self.optimizer.state
+        if not state:
+            return {}
+        m = self.step_fn.unpack({n: pair[0] for n, pair in state.items()})
+        v = self.step_fn.unpack({n: pair[1] for n, pair in state.items()})
+        return {f"{k}.{x}": a[k] for k in m for x, a in (("m", m), ("v", v))}
+
+    def _load_optimizer(self, arrays: dict, step: int) -> None:
+        self.optimizer.load_arrays(arrays, step)
+        state = self.optimizer.state
+        if state:
+            m = self.step_fn.pack({n: pair[0] for n, pair in state.items()})
+            v = self.step_fn.pack({n: pair[1] for n, pair in state.items()})
+            self.optimizer.state = {n: (m[n], v[n]) for n in m}
+
     def _cached_bases(self) -> dict | None:
         """-xs adapters: the SVD bases of the base weights, computed once per run and kept in the run
         folder (``svd_bases.safetensors``), so a resume (or a slow SVD of a large model) reuses them."""
@@ -193,7 +219,7 @@ class Trainer:
         if set(params) != set(self.params):
             raise ValueError(f"{self.run_dir}: the saved LoRA tensors do not match this adapter configuration")
         self.params = params
-        self.optimizer.load_arrays(opt, info["step"])
+        self._load_optimizer(opt, info["step"])
         self.step, self.epoch, self.position = int(info["step"]), int(info["epoch"]), int(info["position"])
         log = self.run_dir / LOG_FILE
         if log.is_file():  # drop what was logged after the checkpoint
@@ -225,7 +251,7 @@ class Trainer:
         path = checkpoint.save_lora(self.lora_path(), self.params, self.lora.config,
                                     extra={"step": self.step, "epoch": self.epoch,
                                            "base_model": str(self.config.model)})
-        checkpoint.save_state(self.run_dir, self.params, self.optimizer.arrays(),
+        checkpoint.save_state(self.run_dir, self.params, self.optimizer_arrays(),
                               {"step": self.step, "epoch": self.epoch, "position": self.position,
                                "lora": path.name})
         return path
@@ -301,11 +327,11 @@ class Trainer:
         items = self.next_items()
         step = self.step + 1
         batch, info = self.make_batch(items, step)
-        loss, grads = self.step_fn.loss_and_grad(self.params, batch)
+        loss, grads = self.step_fn.loss_and_grad(self.packed, batch)
         lr = self.optimizer.lr_at(step)
-        params, norm = self.optimizer.update(self.params, grads)
-        mx.eval(params, loss, norm, [s for pair in self.optimizer.state.values() for s in pair])
-        self.params, self.step = params, step
+        packed, norm = self.optimizer.update(self.packed, grads)
+        mx.eval(packed, loss, norm, [s for pair in self.optimizer.state.values() for s in pair])
+        self.packed, self.step = packed, step
         return StepRecord(step, float(loss), lr, float(norm), info["t"], time.perf_counter() - start, self.epoch)
 
 

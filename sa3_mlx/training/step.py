@@ -28,6 +28,12 @@ from .fused import FusedBlocks
 from .objective import loss_masks, masked_mse, noised_and_target
 
 _LAYERS = "model.transformer.layers."  # upstream's module paths of the DiT blocks
+PACKED = "packed."  # the packed layout's names: packed.<stack>.<module kind>.<tensor>
+
+
+def module_kind(module: str) -> str:
+    """``model.transformer.layers.3.self_attn.to_qkv`` -> ``self_attn.to_qkv``."""
+    return module[len(_LAYERS):].split(".", 1)[1]
 
 
 @dataclass
@@ -65,6 +71,7 @@ class TrainStep:
     compiled = False
     _compiled_grad = None
     _fused = None
+    _groups: dict = {}
 
     def __init__(self, dit, conditioner, lora: LoraParametrization, mask_loss_weight: float = 0.0,
                  checkpointing: bool = False, fused: bool = False, compiled: bool = False):
@@ -98,6 +105,11 @@ class TrainStep:
             self._adapted[t.module] = new
         self._seconds = next((t for t in lora.targets if t.key == SECONDS_KEY), None)
         self._stacks = [] if self.fused else self._stacked_adapters()
+        # The packed layout (what a trainer holds and AdamW updates): each stack's tensors of one name as one
+        # [blocks, ...] array, so that a step neither concatenates them nor slices their gradients apart, and
+        # AdamW updates a few dozen tensors instead of hundreds. Packed key -> the saved names it holds.
+        self._groups = {f"{PACKED}{j}.{stack.kind_name}.{p}": [param_key(layer.module_path, p) for layer in stack.layers]
+                        for j, stack in enumerate(self._stacks) for p in PARAMS[config.adapter_type]}
         self._fused = FusedBlocks(dit.transformer.layers) if self.fused else None
         self._grad = mx.value_and_grad(self._loss)
         # compiled: the whole forward and backward pass traced once per batch shape into one graph, whose
@@ -111,26 +123,51 @@ class TrainStep:
         groups: dict[tuple, list] = {}
         for module, layer in self._adapted.items():
             if module.startswith(_LAYERS):
-                kind = module[len(_LAYERS):].split(".", 1)[1]
-                groups.setdefault((kind, tuple(layer._w0.shape)), []).append(module)
+                groups.setdefault((module_kind(module), tuple(layer._w0.shape)), []).append(module)
         stacks = []
         targets = {t.module: t for t in self.lora.targets}
         for modules in groups.values():
             if len(modules) < 2:
                 continue
             stacks.append(StackedAdapters([self._adapted[m] for m in modules]))
+            stacks[-1].kind_name = module_kind(modules[0])
             for m in modules:  # the targets' bases are the same views (one copy of the weights)
                 targets[m].w0 = self._adapted[m]._w0
                 if targets[m].bases is not None:
                     targets[m].bases = self._adapted[m]._bases
         return stacks
 
+    def pack(self, params: dict) -> dict:
+        """Saved names -> the packed layout (the same values; a no-op without stacked adapters)."""
+        members = {k for keys in self._groups.values() for k in keys}
+        packed = {g: mx.stack([params[k] for k in keys]) for g, keys in self._groups.items()}
+        packed.update((k, v) for k, v in params.items() if k not in members)
+        return packed
+
+    def unpack(self, packed: dict) -> dict:
+        """The packed layout -> saved names, in upstream's order (``lora.targets``)."""
+        flat = {k: v for k, v in packed.items() if k not in self._groups}
+        for g, keys in self._groups.items():
+            flat.update(zip(keys, (part.squeeze(0) for part in mx.split(packed[g], len(keys), axis=0))))
+        order = [param_key(t.module, p) for t in self.lora.targets for p in PARAMS[self.lora.config.adapter_type]]
+        return {k: flat[k] for k in order}
+
     def set_weights(self, params) -> None:
+        """The adapter tensors of this step, in either layout (saved names, or :meth:`pack`'s)."""
         kind = self.lora.config.adapter_type
+        packed = bool(self._groups) and next(iter(self._groups)) in params
+        views = {}
+        if packed:  # the stacked layers' own tensors as views (read only by code that asks for a layer's weight)
+            views = {k: v for g, keys in self._groups.items()
+                     for k, v in zip(keys, (x.squeeze(0) for x in mx.split(params[g], len(keys), axis=0)))}
         for module, layer in self._adapted.items():
-            layer.adapter = {p: params[param_key(module, p)] for p in PARAMS[kind]}
-        for stack in self._stacks:
-            stack.assign()
+            layer.adapter = {p: views[key] if key in views else params[key]
+                             for p in PARAMS[kind] for key in (param_key(module, p),)}
+        for j, stack in enumerate(self._stacks):
+            if packed:
+                stack.assign({p: params[f"{PACKED}{j}.{stack.kind_name}.{p}"] for p in PARAMS[kind]})
+            else:
+                stack.assign()
         if self._seconds is not None:
             t = self._seconds
             mine = {p: params[param_key(t.module, p)] for p in PARAMS[kind]}
@@ -198,7 +235,11 @@ class TrainStep:
         return self._grad(params, Batch(**arrays))
 
     def loss_and_grad(self, params, batch: Batch):
-        """``(loss, grads)`` with the grads in the layout of ``params``."""
+        """``(loss, grads)`` with the grads in the layout of ``params``: saved names, or :meth:`pack`'s (what a
+        trainer steps with: fewer operations)."""
+        if self._groups and next(iter(self._groups)) not in params:
+            loss, grads = self.loss_and_grad(self.pack(params), batch)
+            return loss, self.unpack(grads)
         with kernels.use("mlx"):
             if self._fused is not None:
                 return self._fused_loss_and_grad(params, batch)
