@@ -312,9 +312,11 @@ class StackedAdapters:
         given = {"lt": left.swapaxes(-1, -2).astype(dtype), "rt": (self.scale * right).swapaxes(-1, -2).astype(dtype)}
         rows, cols = factored_scales(self.kind, self.scale, p, left, right, self.w0, self.constants)
         if rows is not None:
-            given["rows"] = rows.astype(dtype)
+            # [n, 1, out]: a part has the rank of the block's [B, T, out] activations, so its gradient is one
+            # reduction (a [1, out] part's is a reduction and a squeeze)
+            given["rows"] = rows.astype(dtype)[:, None, :]
         if cols is not None:
-            given["cols"] = cols.astype(dtype)
+            given["cols"] = cols.astype(dtype)[:, None, :]
         # Each module's part keeps the leading axis of 1, which its products and scalings broadcast over.
         parts = {k: unstack(v) for k, v in given.items()}
         for i, layer in enumerate(self.layers):
