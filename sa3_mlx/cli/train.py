@@ -288,11 +288,11 @@ class _TrainBar:
                f"file(s): {len(trainer.lora.targets)} modules, {trainer.lora.trainable_count():,} parameters, crop "
                f"{trainer.crop} latents -> {trainer.run_dir}")
         if trainer.step_fn.compiled or trainer.step_fn.fused:
-            from ..runtime import on_cuda
+            from ..runtime import KERNEL_CACHE, on_cuda
 
             c.line("  the first step traces the compiled step" + (
                    "; a machine's first run also builds its GPU kernels, which takes minutes (they are kept in "
-                   f"{os.environ.get('MLX_PTX_CACHE_DIR', '~/.cache/sa3-mlx/cuda-kernels')})" if on_cuda() else ""))
+                   f"{os.environ.get('MLX_PTX_CACHE_DIR', KERNEL_CACHE)})" if on_cuda() else ""))
         if not c.enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

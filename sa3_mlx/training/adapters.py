@@ -270,7 +270,7 @@ class StackedAdapters:
     operations per module) and the factors in the activations' dtype, transposed and scaled, which each
     module then takes as they are. A GPU step is bound by the number of operations (docs/performance.md).
     The modules' frozen bases become views of one stacked array (no second copy). :meth:`assign` runs on
-    each step, after the adapter tensors are set."""
+    each step, with the step's adapter tensors stacked (``TrainStep.pack``)."""
 
     def __init__(self, layers: list["AdaptedLinear"]):
         self.layers = layers
@@ -291,19 +291,10 @@ class StackedAdapters:
                 layer._bases = (u, v)
         mx.eval([layer._w0 for layer in layers])
 
-    def stack(self, adapters: list[Mapping[str, mx.array]]) -> dict[str, mx.array]:
-        """The layers' adapter tensors (one mapping per layer) as one ``[n, ...]`` array per tensor name."""
-        n = len(self.layers)
-        # concatenate + reshape: one operation where stack makes n
-        return {name: mx.concatenate([a[name] for a in adapters], axis=0).reshape(n, *adapters[0][name].shape)
-                for name in PARAMS[self.kind]}
-
-    def assign(self, p: Mapping[str, mx.array] | None = None) -> None:
-        """This step's factors and scales for every layer, from ``p`` (:meth:`stack`'s layout: what a packed
-        step trains) or else from the layers' own adapter tensors."""
-        n, dtype = len(self.layers), self.w0.dtype  # the DiT computes in its weights' dtype
-        if p is None:
-            p = self.stack([layer.adapter for layer in self.layers])
+    def assign(self, p: Mapping[str, mx.array]) -> None:
+        """This step's factors and scales for every layer, from ``p``: each adapter tensor name's ``[n, ...]``
+        array of the layers' tensors (``TrainStep.pack``'s layout)."""
+        dtype = self.w0.dtype  # the DiT computes in its weights' dtype
         if self.bases is not None:  # -xs: L = V^T, R = U M
             u, v = self.bases
             left, right = v.swapaxes(-1, -2), u @ p["M_xs"]

@@ -108,8 +108,10 @@ class TrainStep:
         # The packed layout (what a trainer holds and AdamW updates): each stack's tensors of one name as one
         # [blocks, ...] array, so that a step neither concatenates them nor slices their gradients apart, and
         # AdamW updates a few dozen tensors instead of hundreds. Packed key -> the saved names it holds.
-        self._groups = {f"{PACKED}{j}.{stack.kind_name}.{p}": [param_key(layer.module_path, p) for layer in stack.layers]
-                        for j, stack in enumerate(self._stacks) for p in PARAMS[config.adapter_type]}
+        self._stack_keys = [{p: f"{PACKED}{j}.{module_kind(stack.layers[0].module_path)}.{p}"
+                             for p in PARAMS[config.adapter_type]} for j, stack in enumerate(self._stacks)]
+        self._groups = {key: [param_key(layer.module_path, p) for layer in stack.layers]
+                        for stack, keys in zip(self._stacks, self._stack_keys) for p, key in keys.items()}
         self._fused = FusedBlocks(dit.transformer.layers) if self.fused else None
         self._grad = mx.value_and_grad(self._loss)
         # compiled: the whole forward and backward pass traced once per batch shape into one graph, whose
@@ -130,44 +132,47 @@ class TrainStep:
             if len(modules) < 2:
                 continue
             stacks.append(StackedAdapters([self._adapted[m] for m in modules]))
-            stacks[-1].kind_name = module_kind(modules[0])
             for m in modules:  # the targets' bases are the same views (one copy of the weights)
                 targets[m].w0 = self._adapted[m]._w0
                 if targets[m].bases is not None:
                     targets[m].bases = self._adapted[m]._bases
         return stacks
 
+    def is_packed(self, params: dict) -> bool:
+        """Whether ``params`` is in :meth:`pack`'s layout (always false without stacked adapters)."""
+        return bool(self._groups) and next(iter(self._groups)) in params
+
     def pack(self, params: dict) -> dict:
         """Saved names -> the packed layout (the same values; a no-op without stacked adapters)."""
         members = {k for keys in self._groups.values() for k in keys}
-        packed = {g: mx.stack([params[k] for k in keys]) for g, keys in self._groups.items()}
+        # concatenate + reshape: one operation where stack makes one per part
+        packed = {g: mx.concatenate([params[k] for k in keys], axis=0).reshape(len(keys), *params[keys[0]].shape)
+                  for g, keys in self._groups.items()}
         packed.update((k, v) for k, v in params.items() if k not in members)
         return packed
 
+    def _parts(self, packed: dict) -> dict:
+        """The packed arrays' parts by their saved names (views)."""
+        return {k: part.squeeze(0) for g, keys in self._groups.items()
+                for k, part in zip(keys, mx.split(packed[g], len(keys), axis=0))}
+
     def unpack(self, packed: dict) -> dict:
         """The packed layout -> saved names, in upstream's order (``lora.targets``)."""
-        flat = {k: v for k, v in packed.items() if k not in self._groups}
-        for g, keys in self._groups.items():
-            flat.update(zip(keys, (part.squeeze(0) for part in mx.split(packed[g], len(keys), axis=0))))
+        flat = {**{k: v for k, v in packed.items() if k not in self._groups}, **self._parts(packed)}
         order = [param_key(t.module, p) for t in self.lora.targets for p in PARAMS[self.lora.config.adapter_type]]
         return {k: flat[k] for k in order}
 
     def set_weights(self, params) -> None:
         """The adapter tensors of this step, in either layout (saved names, or :meth:`pack`'s)."""
         kind = self.lora.config.adapter_type
-        packed = bool(self._groups) and next(iter(self._groups)) in params
-        views = {}
-        if packed:  # the stacked layers' own tensors as views (read only by code that asks for a layer's weight)
-            views = {k: v for g, keys in self._groups.items()
-                     for k, v in zip(keys, (x.squeeze(0) for x in mx.split(params[g], len(keys), axis=0)))}
+        if self._groups and not self.is_packed(params):
+            params = self.pack(params)
+        # the stacked layers' own tensors as views (read only by code that asks for a layer's weight)
+        params = {**params, **self._parts(params)}
         for module, layer in self._adapted.items():
-            layer.adapter = {p: views[key] if key in views else params[key]
-                             for p in PARAMS[kind] for key in (param_key(module, p),)}
-        for j, stack in enumerate(self._stacks):
-            if packed:
-                stack.assign({p: params[f"{PACKED}{j}.{stack.kind_name}.{p}"] for p in PARAMS[kind]})
-            else:
-                stack.assign()
+            layer.adapter = {p: params[param_key(module, p)] for p in PARAMS[kind]}
+        for stack, keys in zip(self._stacks, self._stack_keys):
+            stack.assign({p: params[key] for p, key in keys.items()})
         if self._seconds is not None:
             t = self._seconds
             mine = {p: params[param_key(t.module, p)] for p in PARAMS[kind]}
@@ -237,7 +242,7 @@ class TrainStep:
     def loss_and_grad(self, params, batch: Batch):
         """``(loss, grads)`` with the grads in the layout of ``params``: saved names, or :meth:`pack`'s (what a
         trainer steps with: fewer operations)."""
-        if self._groups and next(iter(self._groups)) not in params:
+        if self._groups and not self.is_packed(params):
             loss, grads = self.loss_and_grad(self.pack(params), batch)
             return loss, self.unpack(grads)
         with kernels.use("mlx"):
