@@ -354,6 +354,36 @@ def test_compiled_step_gives_upstreams_step(model, golden, name):
     close(loss3, loss3_plain, f"compiled {name} loss of a shorter crop")
 
 
+def _matmuls(outputs) -> int:
+    import io
+    import re
+
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    return len(re.findall(r'label ="Matmul"', dot.getvalue()))
+
+
+@pytest.mark.parametrize("name", ["dora-rows", "bora", "lora-xs"])
+def test_modules_across_blocks_run_at_once(model, golden, name):
+    """The modules whose inputs are the same for every block (the context's keys and values, the local
+    conditioning's embedding) run for all blocks at once when one stack holds them all: the per-block step's
+    loss and gradients, with fewer products (bora has row and column scales, -xs its frozen bases)."""
+    case = load_case(golden / "train", f"case_train_{name}.npz")
+    steps = []
+    for _ in range(2):
+        lora = LoraParametrization.build(model.dit_weights, _config(case), bases=_bases(case) or None)
+        steps.append(TrainStep(*model.load_dit(), lora))
+    steps[1]._across = {}
+    assert set(steps[0]._across) == {"cross_attn.to_kv", "to_local_embed.0", "to_local_embed.2"}
+    params = {k[len("before/"):]: mx.array(v) for k, v in case.items() if k.startswith("before/")}
+    (loss, grads), (loss_b, grads_b) = (s.loss_and_grad(s.pack(params), _batch(case)) for s in steps)
+    assert _matmuls([loss, *grads.values()]) < _matmuls([loss_b, *grads_b.values()])
+    close(loss, loss_b, f"{name} loss")
+    scale = max(float(np.abs(g).max()) for g in grads_b.values())
+    for key, g in grads_b.items():
+        close(grads[key], g, f"{name} grad {key}", scale=scale)
+
+
 def test_packed_layout_is_the_same_step(model, golden):
     """What a trainer steps in (TrainStep.pack: each stacked module kind's tensors of one name as one array):
     fewer tensors, the same gradients and AdamW updates, and back to the saved names exactly."""

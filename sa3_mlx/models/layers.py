@@ -183,7 +183,8 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
         self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
 
-    def context_keys_values(self, context: mx.array, key_bias: mx.array | None = None) -> dict:
+    def context_keys_values(self, context: mx.array, key_bias: mx.array | None = None,
+                            projected: mx.array | None = None) -> dict:
         """Cross-attention keys and values of ``context`` [B, S, dims], once per generation.
 
         ``{"keys": [B, H, S, D] per query set (normalised), "values": [B, H, S, D]}``, plus
@@ -192,8 +193,11 @@ class Attention(nn.Module):
         has fewer tokens than a head has features: each head's values times its slice of
         ``to_out``. Then ``to_out(concat_h(P_h V_h)) = concat_h(P_h) @ value_out``, a
         product over H S inputs instead of dims (a merged 17-token prompt: 272, not 1024).
+        ``projected``: ``to_kv(context)`` when the caller has it (a training step projects the context of
+        every block at once).
         """
-        *keys, values = kernels.active().heads(self.to_kv(context), self.num_heads, "kkv" if self.differential else "kv",
+        projected = self.to_kv(context) if projected is None else projected
+        *keys, values = kernels.active().heads(projected, self.num_heads, "kkv" if self.differential else "kv",
                                                k_norm=RMSNormParams(self.k_norm.weight, self.k_norm.eps))
         kv = {"keys": keys, "values": values}
         if key_bias is not None:

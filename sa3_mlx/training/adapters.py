@@ -284,12 +284,32 @@ class StackedAdapters:
         mx.eval(self.w0, self.constants, self.bases)
         # Views of the stack: split + squeeze share its buffer (an integer index copies).
         view = (lambda a: [x.squeeze(0) for x in mx.split(a, len(layers), axis=0)])  # noqa: E731
-        for layer, w0 in zip(layers, view(self.w0)):
-            layer._w0 = w0
+        self.w0t = self.w0.swapaxes(-1, -2)  # a view, made once (a transpose per step otherwise)
+        for layer, w0, w0t in zip(layers, view(self.w0), view(self.w0t)):
+            layer._w0, layer._w0t = w0, w0t
         if self.bases is not None:
             for layer, u, v in zip(layers, view(self.bases[0]), view(self.bases[1])):
                 layer._bases = (u, v)
-        mx.eval([layer._w0 for layer in layers])
+        mx.eval([(layer._w0, layer._w0t) for layer in layers])
+        biases = [layer._bias for layer in layers]
+        self.bias = mx.stack(biases)[:, None, :] if biases[0] is not None else None
+        self.given: dict[str, mx.array] = {}  # this step's factors and scales, [n, ...] (assign)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """Every layer's output at once, as one batched product per factor: ``x`` [B, T, in] shared by the
+        layers (the cross-attention context, the local conditioning: the same for every block), or [n, B, T,
+        in] one per layer -> [n, B, T, out]. The same arithmetic as each layer's own call."""
+        g, n = self.given, len(self.layers)
+        B, T, d = x.shape[-3:]
+        xs = x.reshape(-1, B * T, d)
+        if "cols" in g:
+            xs = xs * g["cols"]  # [n, 1, in]
+        y = xs @ self.w0t + (xs @ g["lt"]) @ g["rt"]
+        if "rows" in g:
+            y = y * g["rows"]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(n, B, T, -1)
 
     def assign(self, p: Mapping[str, mx.array]) -> None:
         """This step's factors and scales for every layer, from ``p``: each adapter tensor name's ``[n, ...]``
@@ -308,6 +328,7 @@ class StackedAdapters:
             given["rows"] = rows.astype(dtype)[:, None, :]
         if cols is not None:
             given["cols"] = cols.astype(dtype)[:, None, :]
+        self.given = given
         # Each module's part keeps the leading axis of 1, which its products and scalings broadcast over.
         parts = {k: unstack(v) for k, v in given.items()}
         for i, layer in enumerate(self.layers):
@@ -331,6 +352,7 @@ class AdaptedLinear(nn.Module):
                  bases: tuple[mx.array, mx.array] | None = None):
         super().__init__()
         self._w0, self._bias, self._kind, self._scale = w0, bias, kind, float(scale)
+        self._w0t = w0.T  # made once: a view
         self._shape, self._bases = tuple(shape), bases
         self._sq = self._rows = self._cols = None  # squared base norms (constants, made on first use)
         self.adapter: dict[str, mx.array] = {}
@@ -401,7 +423,7 @@ class AdaptedLinear(nn.Module):
             low = (x @ lt) @ rt
         else:
             low = self._scale * ((x @ left.astype(dtype).T) @ right.astype(dtype).T)
-        y = x @ self._w0.T + low
+        y = x @ self._w0t + low
         if rows is not None:
             y = y * (rows if rows.dtype == dtype else rows.astype(dtype))
         return y if self._bias is None else y + self._bias

@@ -27,7 +27,7 @@ import mlx.nn as nn
 from .adapters import PARAMS, AdaptedLinear, param_key
 
 # The frozen arrays an AdaptedLinear keeps privately (None ones are skipped).
-_PRIVATE = ("_w0", "_bias", "_rows", "_cols", "_sq")
+_PRIVATE = ("_w0", "_w0t", "_bias", "_rows", "_cols", "_sq")
 
 
 def _slots(layer: nn.Module) -> tuple[list, list, tuple]:

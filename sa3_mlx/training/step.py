@@ -23,7 +23,8 @@ import mlx.nn as nn
 from .. import kernels
 from ..lora import SECONDS_KEY
 from ..models.layers import fourier_features, run_layers
-from .adapters import PARAMS, AdaptedLinear, LoraParametrization, StackedAdapters, param_key
+from ..models.dit import DiTConditioning
+from .adapters import PARAMS, AdaptedLinear, LoraParametrization, StackedAdapters, param_key, unstack
 from .fused import FusedBlocks
 from .objective import loss_masks, masked_mse, noised_and_target
 
@@ -34,6 +35,23 @@ PACKED = "packed."  # the packed layout's names: packed.<stack>.<module kind>.<t
 def module_kind(module: str) -> str:
     """``model.transformer.layers.3.self_attn.to_qkv`` -> ``self_attn.to_qkv``."""
     return module[len(_LAYERS):].split(".", 1)[1]
+
+
+def block_index(module: str) -> int:
+    """``model.transformer.layers.3.self_attn.to_qkv`` -> 3."""
+    return int(module[len(_LAYERS):].split(".", 1)[0])
+
+
+# The block modules whose inputs are the same in every block (upstream's names)
+_ACROSS_BLOCKS = ("cross_attn.to_kv", "to_local_embed.0", "to_local_embed.2")
+
+
+def _per_block(y: mx.array) -> list[mx.array]:
+    """A stack's outputs [n, B, T, out] -> each block's [B, T, out] (views; the gradient one concatenation)."""
+    n, B = y.shape[:2]
+    if B == 1:
+        return unstack(y.reshape(n, *y.shape[2:]))
+    return [part.squeeze(0) for part in unstack(y)]
 
 
 @dataclass
@@ -72,6 +90,7 @@ class TrainStep:
     _compiled_grad = None
     _fused = None
     _groups: dict = {}
+    _across: dict = {}
 
     def __init__(self, dit, conditioner, lora: LoraParametrization, mask_loss_weight: float = 0.0,
                  checkpointing: bool = False, fused: bool = False, compiled: bool = False):
@@ -112,6 +131,11 @@ class TrainStep:
                              for p in PARAMS[config.adapter_type]} for j, stack in enumerate(self._stacks)]
         self._groups = {key: [param_key(layer.module_path, p) for layer in stack.layers]
                         for stack, keys in zip(self._stacks, self._stack_keys) for p, key in keys.items()}
+        # The modules whose inputs do not depend on the blocks' hidden state (the context's keys and values, the
+        # local conditioning's embedding): each kind's outputs for every block as one batched product per factor
+        # when one stack holds that module of every block (the default filters).
+        self._across = {module_kind(stack.layers[0].module_path): stack for stack in self._stacks
+                        if self._runs_across([layer.module_path for layer in stack.layers])}
         self._fused = FusedBlocks(dit.transformer.layers) if self.fused else None
         self._grad = mx.value_and_grad(self._loss)
         # compiled: the whole forward and backward pass traced once per batch shape into one graph, whose
@@ -119,6 +143,11 @@ class TrainStep:
         # them, docs/performance.md). A batch's arrays are its inputs; the frozen weights are constants.
         self.compiled = bool(compiled) and not self.fused
         self._compiled_grad = mx.compile(self._arrays_loss_and_grad) if self.compiled else None
+
+    def _runs_across(self, modules: list[str]) -> bool:
+        """Whether a stack of ``modules`` runs for every block at once (:meth:`condition`)."""
+        return module_kind(modules[0]) in _ACROSS_BLOCKS and \
+            [block_index(m) for m in modules] == list(range(len(self.dit.transformer.layers)))
 
     def _stacked_adapters(self) -> list[StackedAdapters]:
         """Each module kind's adapters over the blocks, their per-step work batched (same values)."""
@@ -218,15 +247,39 @@ class TrainStep:
             loss = loss + self.mask_loss_weight * masked_mse(v, target, context_mask)
         return {"loss_mask": signal_mask, "signal_loss": signal, "loss": loss}
 
+    def condition(self, cross_attn_cond: mx.array, global_cond: mx.array, local_add_cond: mx.array,
+                  padding_mask: mx.array) -> DiTConditioning:
+        """``DiT.condition`` (without merging repeated tokens), the modules of :data:`_ACROSS_BLOCKS` run for
+        every block at once where one stack holds them all (the same values, fewer operations)."""
+        dit, across = self.dit, self._across
+        if not across:
+            return dit.condition(cross_attn_cond, global_cond, local_add_cond, padding_mask, merge_repeats=False)
+        dtype, layers = dit.dtype, dit.transformer.layers
+        context = run_layers(dit.to_cond_embed, cross_attn_cond.astype(dtype))
+        global_embed = run_layers(dit.to_global_embed, global_cond.astype(dtype))
+        local_add_cond = local_add_cond.astype(dtype)
+        if "to_local_embed.0" in across and "to_local_embed.2" in across:
+            activation = layers[0].to_local_embed.seq[1]
+            hidden = activation(across["to_local_embed.0"](local_add_cond))
+            local_embeds = _per_block(across["to_local_embed.2"](hidden))
+        else:
+            local_embeds = [layer.to_local_embed(local_add_cond) for layer in layers]
+        if "cross_attn.to_kv" in across:
+            projected = _per_block(across["cross_attn.to_kv"](context))
+            context_kv = [layer.cross_attn.context_keys_values(context, projected=p)
+                          for layer, p in zip(layers, projected)]
+        else:
+            context_kv = [layer.cross_attn.context_keys_values(context) for layer in layers]
+        return DiTConditioning(context, context_kv, global_embed, local_embeds, dit.value_mask(padding_mask))
+
     def forward(self, params, batch: Batch) -> dict[str, mx.array]:
         """Every intermediate of the step (the model output ``v`` included), for checking."""
         with kernels.use("mlx"):  # plain MLX ops: the CPU numpy paths are not differentiable
             self.set_weights(params)
             c = self.conditioning(batch)
             x = self.inputs(batch)
-            conditioning = self.dit.condition(c["cross_attn_cond_used"], c["global_cond"],
-                                              x["local_add_cond"].swapaxes(1, 2), batch.padding_mask,
-                                              merge_repeats=False)
+            conditioning = self.condition(c["cross_attn_cond_used"], c["global_cond"],
+                                          x["local_add_cond"].swapaxes(1, 2), batch.padding_mask)
             v = self.dit.predict(x["noised"], self.dit.embed_timestep(x["timestep_features"]), conditioning,
                                  blocks=self._blocks, queue=False).astype(mx.float32)
             out = self.objective(v, x["target"], batch)
