@@ -15,7 +15,9 @@ on the stored gradients.
 
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -355,9 +357,6 @@ def test_compiled_step_gives_upstreams_step(model, golden, name):
 
 
 def _matmuls(outputs) -> int:
-    import io
-    import re
-
     dot = io.StringIO()
     mx.export_to_dot(dot, *outputs)
     return len(re.findall(r'label ="Matmul"', dot.getvalue()))

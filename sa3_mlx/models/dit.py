@@ -20,7 +20,7 @@ holds is read from its tensor shapes, as are all sizes (:meth:`DiTConfig.from_we
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,6 +292,8 @@ class DiT(nn.Module):
         local_add_cond: mx.array | None = None,
         padding_mask: mx.array | None = None,
         merge_repeats: bool = True,
+        local_embeds: Callable[[mx.array], list[mx.array]] | None = None,
+        context_projections: Callable[[mx.array], list[mx.array]] | None = None,
     ) -> DiTConditioning:
         """Project the step-independent inputs once.
 
@@ -304,6 +306,9 @@ class DiT(nn.Module):
         its flash-attention varlen path drops those keys instead). In fp32, repeated
         context tokens (the prompt's padding) are merged into one weighted key
         (:meth:`~sa3_mlx.kernels.Kernels.merge_repeated_tokens`) unless ``merge_repeats`` is False.
+        ``local_embeds`` / ``context_projections``: what gives every block's ``to_local_embed(local_add_cond)`` /
+        ``cross_attn.to_kv(context)`` at once, instead of each block's own call (a training step batches them
+        over the blocks).
         """
         dtype = self.dtype
         key_bias = None
@@ -316,9 +321,12 @@ class DiT(nn.Module):
         if local_add_cond is None:
             local_add_cond = mx.zeros((1, 1, self.config.local_add_cond_dim), dtype=dtype)
         local_add_cond = local_add_cond.astype(dtype)
-        local_embeds = [layer.to_local_embed(local_add_cond) for layer in self.transformer.layers]
-        context_kv = [layer.cross_attn.context_keys_values(context, key_bias) for layer in self.transformer.layers]
-        return DiTConditioning(context, context_kv, global_embed, local_embeds, self.value_mask(padding_mask))
+        layers = self.transformer.layers
+        embeds = local_embeds(local_add_cond) if local_embeds else \
+            [layer.to_local_embed(local_add_cond) for layer in layers]
+        projected = context_projections(context) if context_projections else [None] * len(layers)
+        context_kv = [layer.cross_attn.context_keys_values(context, key_bias, p) for layer, p in zip(layers, projected)]
+        return DiTConditioning(context, context_kv, global_embed, embeds, self.value_mask(padding_mask))
 
     def value_mask(self, padding_mask: mx.array | None) -> mx.array | None:
         """The self-attention value mask [B, 1, M + T, 1] of ``padding_mask`` [B, T] (see DiTConditioning)."""

@@ -352,7 +352,8 @@ class AdaptedLinear(nn.Module):
                  bases: tuple[mx.array, mx.array] | None = None):
         super().__init__()
         self._w0, self._bias, self._kind, self._scale = w0, bias, kind, float(scale)
-        self._w0t = w0.T  # made once: a view
+        self._w0t = w0.T  # a view, made once (a transpose per step otherwise)
+        mx.eval(self._w0t)
         self._shape, self._bases = tuple(shape), bases
         self._sq = self._rows = self._cols = None  # squared base norms (constants, made on first use)
         self.adapter: dict[str, mx.array] = {}

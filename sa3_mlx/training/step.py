@@ -22,8 +22,8 @@ import mlx.nn as nn
 
 from .. import kernels
 from ..lora import SECONDS_KEY
-from ..models.layers import fourier_features, run_layers
 from ..models.dit import DiTConditioning
+from ..models.layers import fourier_features, run_layers
 from .adapters import PARAMS, AdaptedLinear, LoraParametrization, StackedAdapters, param_key, unstack
 from .fused import FusedBlocks
 from .objective import loss_masks, masked_mse, noised_and_target
@@ -251,26 +251,16 @@ class TrainStep:
                   padding_mask: mx.array) -> DiTConditioning:
         """``DiT.condition`` (without merging repeated tokens), the modules of :data:`_ACROSS_BLOCKS` run for
         every block at once where one stack holds them all (the same values, fewer operations)."""
-        dit, across = self.dit, self._across
-        if not across:
-            return dit.condition(cross_attn_cond, global_cond, local_add_cond, padding_mask, merge_repeats=False)
-        dtype, layers = dit.dtype, dit.transformer.layers
-        context = run_layers(dit.to_cond_embed, cross_attn_cond.astype(dtype))
-        global_embed = run_layers(dit.to_global_embed, global_cond.astype(dtype))
-        local_add_cond = local_add_cond.astype(dtype)
+        across = self._across
+        local_embeds = context_projections = None
         if "to_local_embed.0" in across and "to_local_embed.2" in across:
-            activation = layers[0].to_local_embed.seq[1]
-            hidden = activation(across["to_local_embed.0"](local_add_cond))
-            local_embeds = _per_block(across["to_local_embed.2"](hidden))
-        else:
-            local_embeds = [layer.to_local_embed(local_add_cond) for layer in layers]
+            activation = self.dit.transformer.layers[0].to_local_embed.seq[1]
+            local_embeds = lambda x: _per_block(  # noqa: E731
+                across["to_local_embed.2"](activation(across["to_local_embed.0"](x))))
         if "cross_attn.to_kv" in across:
-            projected = _per_block(across["cross_attn.to_kv"](context))
-            context_kv = [layer.cross_attn.context_keys_values(context, projected=p)
-                          for layer, p in zip(layers, projected)]
-        else:
-            context_kv = [layer.cross_attn.context_keys_values(context) for layer in layers]
-        return DiTConditioning(context, context_kv, global_embed, local_embeds, dit.value_mask(padding_mask))
+            context_projections = lambda context: _per_block(across["cross_attn.to_kv"](context))  # noqa: E731
+        return self.dit.condition(cross_attn_cond, global_cond, local_add_cond, padding_mask, merge_repeats=False,
+                                  local_embeds=local_embeds, context_projections=context_projections)
 
     def forward(self, params, batch: Batch) -> dict[str, mx.array]:
         """Every intermediate of the step (the model output ``v`` included), for checking."""
