@@ -9,6 +9,7 @@ depend on the values), so the benchmark needs no download.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -62,6 +63,19 @@ def compile_modes(text: str) -> list[tuple[bool, bool | None, bool | None]]:
     if not words or bad:
         raise UsageError(f"--compiled {text!r}: a comma-separated list of {', '.join(COMPILE_MODES)}")
     return [COMPILE_MODES[w] for w in words]
+
+
+MERGED_MODES = {"auto": None, "on": True, "off": False}
+
+
+def merged_weight_modes(text: str) -> list[bool | None]:
+    """``--merged-weights on,off`` -> the TrainStep setting per mode (None = the device's default)."""
+    from .arguments import UsageError
+
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words or any(w not in MERGED_MODES for w in words):
+        raise UsageError(f"--merged-weights {text!r}: a comma-separated list of {', '.join(MERGED_MODES)}")
+    return [MERGED_MODES[w] for w in words]
 
 
 def _runs_per_cell(args, gpu_repeat: int) -> tuple[int, int]:
@@ -367,6 +381,7 @@ def train_main(args) -> int:
     from .training.bench import bench_step
 
     fused_modes = compile_modes(args.fused)
+    merged_modes = merged_weight_modes(args.merged_weights)
     configure_process(training=True)
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -381,26 +396,28 @@ def train_main(args) -> int:
     for model in models:
         for adapter in adapters:
             for crop in crops:
-                for fused, compiled_optimizer, compiled_step in fused_modes:
+                for (fused, compiled_optimizer, compiled_step), merged in itertools.product(fused_modes, merged_modes):
                     console.print(f"  training {model} {adapter} r{args.rank} crop {crop} ...", end="")
                     r = bench_step(model, crop, adapter, args.rank, steps=steps, warmup=max(warmup, 1),
                                    dtype=args.dit_dtype, checkpointing=args.checkpointing, fused=fused,
-                                   compiled_optimizer=compiled_optimizer, compiled_step=compiled_step)
+                                   compiled_optimizer=compiled_optimizer, compiled_step=compiled_step,
+                                   merged_weights=merged)
                     results.append(r)
                     console.print(f" {r['ms_per_step']:.0f} ms/step (compiled step: {r['compiled_step']}, fused: "
-                                  f"{r['fused']}, compiled AdamW: {r['compiled_optimizer']}, first step "
-                                  f"{r['first_step_s']:.1f} s)")
+                                  f"{r['fused']}, compiled AdamW: {r['compiled_optimizer']}, merged weights: "
+                                  f"{r['merged_weights']}, first step {r['first_step_s']:.1f} s)")
     if args.json:
         print(json.dumps({"hardware": hw, "results": results}, indent=2))
         return 0
     table = Table(box=None, padding=(0, 1))
-    for column in ("model", "adapter", "crop", "base", "compiled", "ms/step", "it/s", "first step", "peak mem",
-                   "trainable"):
+    for column in ("model", "adapter", "crop", "base", "compiled", "merged", "ms/step", "it/s", "first step",
+                   "peak mem", "trainable"):
         table.add_column(column, justify="left" if column in ("model", "adapter") else "right")
     for r in results:
         compiled = "step" if r["compiled_step"] else "fused" if r["fused"] else \
             "adamw" if r["compiled_optimizer"] else "off"
         table.add_row(r["model"], r["adapter"], str(r["crop"]), r["base_precision"], compiled,
+                      "yes" if r["merged_weights"] else "no",
                       f"{r['ms_per_step']:.0f}", f"{r['it_per_s']:.2f}", f"{r['first_step_s']:.1f} s",
                       f"{r['peak_bytes'] / 1024**3:.2f} GB", f"{r['trainable_parameters']:,}")
     console.print(table)
@@ -542,6 +559,9 @@ def main(argv: list[str]) -> int:
                    help="--train: what is compiled: auto (the device's default: the step and AdamW on GPUs, nothing "
                         "on the CPU), step (the whole forward and backward pass, and AdamW), fused (the blocks: sa3 "
                         "train --fused), adamw (AdamW only), off, or a list (step,adamw,off) to compare")
+    p.add_argument("--merged-weights", default="auto", metavar="LIST",
+                   help="--train: the adapted weights formed once per step (sa3 train --merged-weights): auto (the "
+                        "device's default), on, off, or a list (on,off) to compare")
     p.add_argument("--batch", type=positive_int, metavar="CLIPS",
                    help="time `sa3 batch` instead: CLIPS clips of the first --models/--seconds (random full-size weights "
                         "in --bundle-dir) in this process and with --batch-workers Ray workers, against a loop of "

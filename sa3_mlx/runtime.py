@@ -61,6 +61,14 @@ def compile_training_step_by_default() -> bool:
     return compile_by_default()
 
 
+def merge_adapted_weights_by_default(checkpointing: bool = False) -> bool:
+    """The training step's adapted weights formed once per step by their stacks (``TrainStep(merged_weights=)``):
+    where the step is compiled (GPUs: fewer products, and a step is bound by its number of operations), not
+    with gradient checkpointing (asked for to save memory: the merged weights and their gradients are kept), and
+    not on CPUs, where its full-size weight gradients cost more than the products it saves."""
+    return compile_training_step_by_default() and not checkpointing
+
+
 def on_cuda() -> bool:
     import mlx.core as mx
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from sa3_mlx import upstream
-from sa3_mlx.runtime import compile_training_step_by_default
+from sa3_mlx.runtime import compile_training_step_by_default, merge_adapted_weights_by_default
 from sa3_mlx.training import objective
 from sa3_mlx.training.adapters import PARAMS, AdapterConfig, LoraParametrization, param_key
 from sa3_mlx.training.optimizer import AdamW
@@ -89,9 +89,9 @@ def run(request, model, golden):
     case = load_case(golden / "train", f"case_train_{name}.npz")
     lora = LoraParametrization.build(model.dit_weights, _config(case), bases=_bases(case) or None)
     dit, conditioner = model.load_dit()
-    # compiled as GPUs run it under SA3_COMPILE=1 (scripts/test.sh --gpu-path), plain otherwise
+    # compiled, with merged weights, as GPUs run it under SA3_COMPILE=1 (scripts/test.sh --gpu-path), plain otherwise
     step = TrainStep(dit, conditioner, lora, mask_loss_weight=1.0 if name == "trainlora" else 0.0,
-                     compiled=compile_training_step_by_default())
+                     compiled=compile_training_step_by_default(), merged_weights=merge_adapted_weights_by_default())
     params = {k[len("before/"):]: mx.array(v) for k, v in case.items() if k.startswith("before/")}
     batch = _batch(case)
     out = step.forward(params, batch)
@@ -354,6 +354,33 @@ def test_compiled_step_gives_upstreams_step(model, golden, name):
     loss3, loss3_plain = step.loss_and_grad(params, short)[0], plain.loss_and_grad(params, short)[0]
     assert float(loss3_plain) != float(loss)
     close(loss3, loss3_plain, f"compiled {name} loss of a shorter crop")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_merged_weights_give_upstreams_step(model, golden, name):
+    """The GPUs' default (each stack forms its layers' adapted weights once per step, TrainStep(merged_weights=True)):
+    upstream's loss and every gradient, with fewer products than the factored form; compiled too."""
+    case = load_case(golden / "train", f"case_train_{name}.npz")
+    params = {k[len("before/"):]: mx.array(v) for k, v in case.items() if k.startswith("before/")}
+    batch = _batch(case)
+    counts, stacked = [], False
+    for merged, compiled in ((True, False), (False, False), (True, True)):
+        lora = LoraParametrization.build(model.dit_weights, _config(case), bases=_bases(case) or None)
+        step = TrainStep(*model.load_dit(), lora, mask_loss_weight=1.0 if name == "trainlora" else 0.0,
+                         merged_weights=merged, compiled=compiled)
+        assert all(stack.merged == merged for stack in step._stacks)
+        stacked = bool(step._stacks)
+        loss, grads = step.loss_and_grad(step.pack(params), batch)
+        if not compiled:
+            counts.append(_matmuls([loss, *grads.values()]))
+        if merged:
+            grads = step.unpack(grads)
+            close(loss, case["loss"], f"merged {name} loss")
+            scale = max(float(np.abs(case["grad/" + k]).max()) for k in grads)
+            for key, g in grads.items():
+                close(g, case["grad/" + key], f"merged {name} grad {key}", scale=scale)
+    # (the filtered cases adapt one block: no stack, nothing merged)
+    assert counts[0] < counts[1] if stacked else counts[0] == counts[1]
 
 
 def _matmuls(outputs) -> int:

@@ -272,6 +272,29 @@ def test_compiled_step_trains_as_the_plain_step(tmp_path, clips, ckpt, capsys):
     assert json.loads((tmp_path / "compiled" / "train_config.json").read_text())["compiled_step"] is True
 
 
+def test_merged_weights_train_as_the_factored_step(tmp_path, clips, ckpt):
+    """sa3 train --merged-weights on (the GPUs' default: each stack forms its layers' adapted weights once per
+    step): the factored run's losses, and the same saved adapter; recorded in the run's config."""
+    plain = train(_config(clips, tmp_path / "plain", ckpt=ckpt, steps=4, merged_weights=False))
+    code = main(["train", str(clips), "--model", str(ckpt), "--out", str(tmp_path / "merged"), "--rank", "4",
+                 "--lr", "1e-3", "--crop", "16", "--seed", "3", "--save-every", "0", "--plot-every", "0",
+                 "--steps", "4", "--batch-size", "2", "--merged-weights", "on", "--quiet"])
+    assert code == 0
+    log = [json.loads(line) for line in (tmp_path / "merged" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4
+    for a, b in zip(log, plain.log):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)
+    assert json.loads((tmp_path / "merged" / "train_config.json").read_text())["merged_weights"] is True
+    from safetensors.numpy import load_file
+
+    mine = load_file(str(next((tmp_path / "merged").glob("*step=4.safetensors"))))
+    theirs = load_file(str(plain.lora))
+    assert set(mine) == set(theirs)
+    for k in theirs:
+        np.testing.assert_allclose(mine[k].astype(np.float32), theirs[k].astype(np.float32), rtol=1e-2, atol=1e-4,
+                                   err_msg=k)
+
+
 def test_python_api(tmp_path, clips, ckpt):
     import sa3_mlx
 

@@ -205,6 +205,10 @@ def build_train_parser() -> Parser:
                    help="the forward and backward pass as one compiled graph (fused element-wise kernels): auto = on "
                         "GPUs (faster there: the step is bound by launching its operations), off on the CPU; the first "
                         "step traces it, and its first use on a machine compiles kernels for minutes (cached)")
+    g.add_argument("--merged-weights", choices=("auto", "on", "off"), default="auto",
+                   help="form each module kind's adapted weights once per step (one batched product) instead of "
+                        "the factored products in every layer: auto = on on GPUs without --checkpointing (fewer "
+                        "operations; more memory: the adapted weights and their gradients), off on the CPU")
     g.add_argument("--cache", type=Path, metavar="DIR", help="latent cache (default FOLDER/.sa3-cache)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
@@ -241,6 +245,7 @@ def train(argv: list[str]) -> int:
         weight_decay=args.weight_decay, warmup_steps=args.warmup, clip_norm=args.clip,
         base_precision=args.base_precision, checkpointing=args.checkpointing, fused=args.fused,
         compiled_step={"auto": None, "on": True, "off": False}[args.compiled_step], trigger=args.trigger,
+        merged_weights={"auto": None, "on": True, "off": False}[args.merged_weights],
         trigger_prob=args.trigger_prob, tag_keep=args.tag_keep,
         cache=str(args.cache) if args.cache else None, plot_every=args.plot_every)
     configure_process(training=True)

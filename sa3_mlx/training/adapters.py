@@ -272,8 +272,12 @@ class StackedAdapters:
     The modules' frozen bases become views of one stacked array (no second copy). :meth:`assign` runs on
     each step, with the step's adapter tensors stacked (``TrainStep.pack``)."""
 
-    def __init__(self, layers: list["AdaptedLinear"]):
+    def __init__(self, layers: list["AdaptedLinear"], merged: bool = False):
         self.layers = layers
+        # merged: the layers' adapted weights formed once per step, as one batched product over the stack
+        # (``W0^T + L^T (s R^T)``), so that each layer takes one product forward and two backward instead of
+        # three and five; the price is the adapted weights and their gradients in memory (TrainStep).
+        self.merged = bool(merged)
         first = layers[0]
         self.kind, self.scale = first.kind, first._scale
         self.w0 = mx.stack([layer._w0 for layer in layers])
@@ -304,7 +308,7 @@ class StackedAdapters:
         xs = x.reshape(-1, B * T, d)
         if "cols" in g:
             xs = xs * g["cols"]  # [n, 1, in]
-        y = xs @ self.w0t + (xs @ g["lt"]) @ g["rt"]
+        y = xs @ g["wt"] if "wt" in g else xs @ self.w0t + (xs @ g["lt"]) @ g["rt"]
         if "rows" in g:
             y = y * g["rows"]
         if self.bias is not None:
@@ -322,6 +326,8 @@ class StackedAdapters:
             left, right = p["lora_A"], p["lora_B"]
         given = {"lt": left.swapaxes(-1, -2).astype(dtype), "rt": (self.scale * right).swapaxes(-1, -2).astype(dtype)}
         rows, cols = factored_scales(self.kind, self.scale, p, left, right, self.w0, self.constants)
+        if self.merged:  # [n, in, out], rounded once to the activations' dtype (upstream rounds W' as well)
+            given = {"wt": mx.addmm(self.w0t, given["lt"], given["rt"])}
         if rows is not None:
             # [n, 1, out]: a part has the rank of the block's [B, T, out] activations, so its gradient is one
             # reduction (a [1, out] part's is a reduction and a squeeze)
@@ -345,7 +351,9 @@ class AdaptedLinear(nn.Module):
     forming the weight for the product, and the backward pass needs no full-size weight
     gradient, and the norms of ``V`` come from ``[out, r]`` / ``[r, in]`` products (see
     :meth:`_scales`; bora keeps ``W0**2`` for its column norms). The frozen base and the
-    bias are private (not parameters); the adapter tensors are set per step (``adapter``).
+    bias are private (not parameters); the adapter tensors are set per step (``adapter``). A stack with
+    ``merged`` set hands the layer its adapted weight instead (``given["wt"]``, formed once per step for all of
+    the stack's layers), and the layer runs one product.
     """
 
     def __init__(self, w0: mx.array, bias: mx.array | None, kind: str, scale: float, shape: tuple[int, ...],
@@ -417,14 +425,18 @@ class AdaptedLinear(nn.Module):
             rows, cols = self._scales(left, right)
         if cols is not None:
             x = x * (cols if cols.dtype == dtype else cols.astype(dtype))
-        if given:
-            lt, rt = given["lt"], given["rt"]
-            if lt.dtype != dtype:
-                lt, rt = lt.astype(dtype), rt.astype(dtype)
-            low = (x @ lt) @ rt
+        if "wt" in given:  # the adapted weight formed by the stack (StackedAdapters.merged)
+            wt = given["wt"]
+            y = x @ (wt if wt.dtype == dtype else wt.astype(dtype))
         else:
-            low = self._scale * ((x @ left.astype(dtype).T) @ right.astype(dtype).T)
-        y = x @ self._w0t + low
+            if given:
+                lt, rt = given["lt"], given["rt"]
+                if lt.dtype != dtype:
+                    lt, rt = lt.astype(dtype), rt.astype(dtype)
+                low = (x @ lt) @ rt
+            else:
+                low = self._scale * ((x @ left.astype(dtype).T) @ right.astype(dtype).T)
+            y = x @ self._w0t + low
         if rows is not None:
             y = y * (rows if rows.dtype == dtype else rows.astype(dtype))
         return y if self._bias is None else y + self._bias

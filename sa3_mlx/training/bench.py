@@ -8,7 +8,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from ..runtime import compile_by_default, compile_training_step_by_default
+from ..runtime import compile_by_default, compile_training_step_by_default, merge_adapted_weights_by_default
 from .adapters import AdapterConfig, LoraParametrization
 from .optimizer import AdamW
 from .step import Batch, TrainStep
@@ -19,7 +19,8 @@ PROMPT_TOKENS = 128  # the released models' text length
 def bench_step(model: str = "sm-music", crop: int = 256, adapter: str = "dora-rows", rank: int = 16,
                steps: int = 5, warmup: int = 1, dtype: str | None = None, checkpointing: bool = False,
                batch_size: int = 1, fused: bool = False,
-               compiled_optimizer: bool | None = None, compiled_step: bool | None = None) -> dict:
+               compiled_optimizer: bool | None = None, compiled_step: bool | None = None,
+               merged_weights: bool | None = None) -> dict:
     """ms/step, it/s, peak memory and trainable parameters of ``model`` at a ``crop``-latent crop."""
     from mlx.utils import tree_flatten
 
@@ -36,7 +37,8 @@ def bench_step(model: str = "sm-music", crop: int = 256, adapter: str = "dora-ro
     del weights
     compiled_step = compile_training_step_by_default() if compiled_step is None else compiled_step
     step = TrainStep(dit, conditioner, lora, mask_loss_weight=1.0, checkpointing=checkpointing, fused=fused,
-                     compiled=compiled_step)
+                     compiled=compiled_step, merged_weights=merge_adapted_weights_by_default(checkpointing)
+                     if merged_weights is None else merged_weights)
     params = step.pack(lora.init_params(seed=0))  # the layout `sa3 train` steps in
     optimizer = AdamW(compiled=compile_by_default() if compiled_optimizer is None else compiled_optimizer)
     rng = np.random.default_rng(0)
@@ -71,7 +73,7 @@ def bench_step(model: str = "sm-music", crop: int = 256, adapter: str = "dora-ro
     ms = 1000 * float(np.median(times))
     return {"model": model, "crop": crop, "adapter": adapter, "rank": rank, "batch": B, "base_precision": dtype,
             "checkpointing": checkpointing, "fused": step.fused, "compiled_step": step.compiled,
-            "compiled_optimizer": optimizer.compiled,
+            "merged_weights": step.merged_weights, "compiled_optimizer": optimizer.compiled,
             "first_step_s": round(first, 2), "ms_per_step": round(ms, 2), "it_per_s": round(1000 / ms, 3),
             "peak_bytes": int(mx.get_peak_memory()), "trainable_parameters": lora.trainable_count(),
             "modules": len(lora.targets), "device": str(mx.default_device())}

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..runtime import compile_by_default, compile_training_step_by_default
+from ..runtime import compile_by_default, compile_training_step_by_default, merge_adapted_weights_by_default
 from . import checkpoint, objective
 from .adapters import AdapterConfig, LoraParametrization
 from .data import Item, caption_text, encode_folder, silence_latent
@@ -65,6 +65,9 @@ class TrainConfig:
     checkpointing: bool = False  # gradient checkpointing of the DiT blocks
     fused: bool = False  # compiled blocks with a written-out backward pass (training/fused.py)
     compiled_step: bool | None = None  # the step as one compiled graph; None = the device's default (GPUs: on)
+    # the adapted weights formed once per step by each stack (TrainStep(merged_weights=)); None = the device's
+    # default (GPUs without --checkpointing: on)
+    merged_weights: bool | None = None
     trigger: str | None = None
     trigger_prob: float = 1.0
     tag_keep: float = 1.0  # probability of keeping each tag piece of a tag caption (a random subset per step)
@@ -149,7 +152,9 @@ class Trainer:
         self.step_fn = TrainStep(dit, conditioner, self.lora, mask_loss_weight=c.mask_loss_weight,
                                  checkpointing=c.checkpointing, fused=c.fused,
                                  compiled=compile_training_step_by_default() if c.compiled_step is None
-                                 else c.compiled_step)
+                                 else c.compiled_step,
+                                 merged_weights=merge_adapted_weights_by_default(c.checkpointing)
+                                 if c.merged_weights is None else c.merged_weights)
         encoder, tokenizer = self.model.load_text(mx.float32)
         self.text = PromptEncoder(encoder, tokenizer, self.model.text.max_length)
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}

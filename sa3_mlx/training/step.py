@@ -93,7 +93,8 @@ class TrainStep:
     _across: dict = {}
 
     def __init__(self, dit, conditioner, lora: LoraParametrization, mask_loss_weight: float = 0.0,
-                 checkpointing: bool = False, fused: bool = False, compiled: bool = False):
+                 checkpointing: bool = False, fused: bool = False, compiled: bool = False,
+                 merged_weights: bool = False):
         self.dit, self.conditioner, self.lora = dit, conditioner, lora
         self.mask_loss_weight = float(mask_loss_weight)
         # fused: the blocks as compiled functions shared by every layer, the backward pass
@@ -123,6 +124,12 @@ class TrainStep:
             new.module_path = t.module  # upstream path: the saved names of its tensors
             self._adapted[t.module] = new
         self._seconds = next((t for t in lora.targets if t.key == SECONDS_KEY), None)
+        # merged_weights: each stack forms its layers' adapted weights once per step (one batched product), and
+        # each layer then runs one product forward and two backward instead of three and five (on a GPU the
+        # step is bound by its number of operations). It keeps the adapted weights and their gradients in
+        # memory, and its weight gradients are full-size products: slower where the products are the cost
+        # (CPUs; docs/performance.md). Same values up to rounding.
+        self.merged_weights = bool(merged_weights) and not self.fused
         self._stacks = [] if self.fused else self._stacked_adapters()
         # The packed layout (what a trainer holds and AdamW updates): each stack's tensors of one name as one
         # [blocks, ...] array, so that a step neither concatenates them nor slices their gradients apart, and
@@ -160,7 +167,7 @@ class TrainStep:
         for modules in groups.values():
             if len(modules) < 2:
                 continue
-            stacks.append(StackedAdapters([self._adapted[m] for m in modules]))
+            stacks.append(StackedAdapters([self._adapted[m] for m in modules], merged=self.merged_weights))
             for m in modules:  # the targets' bases are the same views (one copy of the weights)
                 targets[m].w0 = self._adapted[m]._w0
                 if targets[m].bases is not None:
