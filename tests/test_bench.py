@@ -87,3 +87,20 @@ def test_train_compile_modes(monkeypatch):
     assert runtime.compile_training_step_by_default()
     monkeypatch.setenv("SA3_COMPILE", "0")
     assert not runtime.compile_training_step_by_default()
+
+
+def test_train_merged_weight_modes(monkeypatch):
+    """`sa3 bench --train --merged-weights LIST`: auto leaves it to the device (on where the step is compiled, never
+    with gradient checkpointing); a bad word is one line naming the choices."""
+    import pytest
+
+    from sa3_mlx import runtime
+    from sa3_mlx.arguments import UsageError
+
+    assert bench.merged_weight_modes("on, off,auto") == [True, False, None]
+    with pytest.raises(UsageError, match=r"--merged-weights 'on,maybe': a comma-separated list of auto, on, off"):
+        bench.merged_weight_modes("on,maybe")
+    monkeypatch.setenv("SA3_COMPILE", "1")
+    assert runtime.merge_adapted_weights_by_default() and not runtime.merge_adapted_weights_by_default(True)
+    monkeypatch.setenv("SA3_COMPILE", "0")
+    assert not runtime.merge_adapted_weights_by_default()
