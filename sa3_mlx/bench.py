@@ -53,16 +53,20 @@ COMPILE_MODES = {"auto": (False, None, None), "step": (False, True, True), "fuse
                  "adamw": (False, True, False), "off": (False, False, False)}
 
 
-def compile_modes(text: str) -> list[tuple[bool, bool | None, bool | None]]:
-    """``--fused step,fused,adamw,off`` -> (fused blocks, compiled AdamW, compiled step; None = the device's
-    default) per mode; anything else is a UsageError (one line)."""
+def _modes(flag: str, text: str, modes: dict) -> list:
+    """A comma-separated list of ``modes``' words -> their values; anything else is a UsageError (one line)."""
     from .arguments import UsageError
 
     words = [w.strip() for w in text.split(",") if w.strip()]
-    bad = [w for w in words if w not in COMPILE_MODES]
-    if not words or bad:
-        raise UsageError(f"--compiled {text!r}: a comma-separated list of {', '.join(COMPILE_MODES)}")
-    return [COMPILE_MODES[w] for w in words]
+    if not words or any(w not in modes for w in words):
+        raise UsageError(f"{flag} {text!r}: a comma-separated list of {', '.join(modes)}")
+    return [modes[w] for w in words]
+
+
+def compile_modes(text: str) -> list[tuple[bool, bool | None, bool | None]]:
+    """``--fused step,fused,adamw,off`` -> (fused blocks, compiled AdamW, compiled step; None = the device's
+    default) per mode."""
+    return _modes("--compiled", text, COMPILE_MODES)
 
 
 MERGED_MODES = {"auto": None, "on": True, "off": False}
@@ -70,12 +74,7 @@ MERGED_MODES = {"auto": None, "on": True, "off": False}
 
 def merged_weight_modes(text: str) -> list[bool | None]:
     """``--merged-weights on,off`` -> the TrainStep setting per mode (None = the device's default)."""
-    from .arguments import UsageError
-
-    words = [w.strip() for w in text.split(",") if w.strip()]
-    if not words or any(w not in MERGED_MODES for w in words):
-        raise UsageError(f"--merged-weights {text!r}: a comma-separated list of {', '.join(MERGED_MODES)}")
-    return [MERGED_MODES[w] for w in words]
+    return _modes("--merged-weights", text, MERGED_MODES)
 
 
 def _runs_per_cell(args, gpu_repeat: int) -> tuple[int, int]:

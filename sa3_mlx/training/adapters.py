@@ -251,6 +251,24 @@ def factored_scales(kind: str, s: float, p: Mapping[str, mx.array], left: mx.arr
     return rows, p["magnitude_c"] / (mx.sqrt(mx.maximum(sq_c, 0)) + EPS)
 
 
+def given_product(x: mx.array, given: Mapping[str, mx.array], w0t: mx.array, bias: mx.array | None) -> mx.array:
+    """``x`` through an adapted layer whose factors and scales a :class:`StackedAdapters` made (``given``, in the
+    activations' dtype): column scales, then the adapted weight (``wt``, when the stack merged it) or the base
+    and the low-rank product, then row scales and the bias. One layer (``w0t`` [in, out]) or a stack of them
+    (``[n, in, out]``, ``x`` [n, rows, in])."""
+    dtype = x.dtype
+    cast = (lambda a: a if a.dtype == dtype else a.astype(dtype))  # noqa: E731
+    if "cols" in given:
+        x = x * cast(given["cols"])
+    if "wt" in given:
+        y = x @ cast(given["wt"])
+    else:
+        y = x @ w0t + (x @ cast(given["lt"])) @ cast(given["rt"])
+    if "rows" in given:
+        y = y * cast(given["rows"])
+    return y if bias is None else y + bias
+
+
 @mx.custom_function
 def unstack(a: mx.array) -> list[mx.array]:
     """``a``'s parts along its first axis, each keeping that axis (length 1): views of ``a``. Its gradient is
@@ -303,17 +321,9 @@ class StackedAdapters:
         """Every layer's output at once, as one batched product per factor: ``x`` [B, T, in] shared by the
         layers (the cross-attention context, the local conditioning: the same for every block), or [n, B, T,
         in] one per layer -> [n, B, T, out]. The same arithmetic as each layer's own call."""
-        g, n = self.given, len(self.layers)
         B, T, d = x.shape[-3:]
-        xs = x.reshape(-1, B * T, d)
-        if "cols" in g:
-            xs = xs * g["cols"]  # [n, 1, in]
-        y = xs @ g["wt"] if "wt" in g else xs @ self.w0t + (xs @ g["lt"]) @ g["rt"]
-        if "rows" in g:
-            y = y * g["rows"]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(n, B, T, -1)
+        y = given_product(x.reshape(-1, B * T, d), self.given, self.w0t, self.bias)
+        return y.reshape(len(self.layers), B, T, -1)
 
     def assign(self, p: Mapping[str, mx.array]) -> None:
         """This step's factors and scales for every layer, from ``p``: each adapter tensor name's ``[n, ...]``
@@ -416,27 +426,14 @@ class AdaptedLinear(nn.Module):
         return self._cols
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.given:  # made by the layer's stack
+            return given_product(x, self.given, self._w0t, self._bias)
         dtype = x.dtype
-        given = self.given
-        if given:
-            rows, cols = given.get("rows"), given.get("cols")
-        else:
-            left, right = self._factors()
-            rows, cols = self._scales(left, right)
+        left, right = self._factors()
+        rows, cols = self._scales(left, right)
         if cols is not None:
             x = x * (cols if cols.dtype == dtype else cols.astype(dtype))
-        if "wt" in given:  # the adapted weight formed by the stack (StackedAdapters.merged)
-            wt = given["wt"]
-            y = x @ (wt if wt.dtype == dtype else wt.astype(dtype))
-        else:
-            if given:
-                lt, rt = given["lt"], given["rt"]
-                if lt.dtype != dtype:
-                    lt, rt = lt.astype(dtype), rt.astype(dtype)
-                low = (x @ lt) @ rt
-            else:
-                low = self._scale * ((x @ left.astype(dtype).T) @ right.astype(dtype).T)
-            y = x @ self._w0t + low
+        y = x @ self._w0t + self._scale * ((x @ left.astype(dtype).T) @ right.astype(dtype).T)
         if rows is not None:
             y = y * (rows if rows.dtype == dtype else rows.astype(dtype))
         return y if self._bias is None else y + self._bias
