@@ -69,6 +69,15 @@ def merge_adapted_weights_by_default(checkpointing: bool = False) -> bool:
     return compile_training_step_by_default() and not checkpointing
 
 
+def training_step_modes(compiled: bool | None, merged_weights: bool | None,
+                        checkpointing: bool = False) -> dict[str, bool]:
+    """``TrainStep``'s ``compiled`` and ``merged_weights``: each as given, or this device's default when None
+    (what ``sa3 train``, ``sa3_mlx.train`` and ``sa3 bench --train`` mean by ``auto``)."""
+    return {"compiled": compile_training_step_by_default() if compiled is None else bool(compiled),
+            "merged_weights": merge_adapted_weights_by_default(checkpointing) if merged_weights is None
+            else bool(merged_weights)}
+
+
 def on_cuda() -> bool:
     import mlx.core as mx
 

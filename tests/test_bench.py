@@ -102,5 +102,9 @@ def test_train_merged_weight_modes(monkeypatch):
         bench.merged_weight_modes("on,maybe")
     monkeypatch.setenv("SA3_COMPILE", "1")
     assert runtime.merge_adapted_weights_by_default() and not runtime.merge_adapted_weights_by_default(True)
+    assert runtime.training_step_modes(None, None) == {"compiled": True, "merged_weights": True}
+    assert runtime.training_step_modes(None, None, checkpointing=True) == {"compiled": True, "merged_weights": False}
     monkeypatch.setenv("SA3_COMPILE", "0")
     assert not runtime.merge_adapted_weights_by_default()
+    assert runtime.training_step_modes(None, None) == {"compiled": False, "merged_weights": False}
+    assert runtime.training_step_modes(True, True, checkpointing=True) == {"compiled": True, "merged_weights": True}

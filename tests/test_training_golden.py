@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from sa3_mlx import upstream
-from sa3_mlx.runtime import compile_training_step_by_default, merge_adapted_weights_by_default
+from sa3_mlx.runtime import training_step_modes
 from sa3_mlx.training import objective
 from sa3_mlx.training.adapters import PARAMS, AdapterConfig, LoraParametrization, param_key
 from sa3_mlx.training.optimizer import AdamW
@@ -91,7 +91,7 @@ def run(request, model, golden):
     dit, conditioner = model.load_dit()
     # compiled, with merged weights, as GPUs run it under SA3_COMPILE=1 (scripts/test.sh --gpu-path), plain otherwise
     step = TrainStep(dit, conditioner, lora, mask_loss_weight=1.0 if name == "trainlora" else 0.0,
-                     compiled=compile_training_step_by_default(), merged_weights=merge_adapted_weights_by_default())
+                     **training_step_modes(None, None))
     params = {k[len("before/"):]: mx.array(v) for k, v in case.items() if k.startswith("before/")}
     batch = _batch(case)
     out = step.forward(params, batch)

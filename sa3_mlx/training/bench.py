@@ -8,7 +8,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from ..runtime import compile_by_default, compile_training_step_by_default, merge_adapted_weights_by_default
+from ..runtime import compile_by_default, training_step_modes
 from .adapters import AdapterConfig, LoraParametrization
 from .optimizer import AdamW
 from .step import Batch, TrainStep
@@ -35,10 +35,8 @@ def bench_step(model: str = "sm-music", crop: int = 256, adapter: str = "dora-ro
     weights[SECONDS_KEY] = conditioner.seconds_total_weight
     lora = LoraParametrization.build(weights, AdapterConfig(adapter, rank), base_dtype=PRECISIONS[dtype])
     del weights
-    compiled_step = compile_training_step_by_default() if compiled_step is None else compiled_step
     step = TrainStep(dit, conditioner, lora, mask_loss_weight=1.0, checkpointing=checkpointing, fused=fused,
-                     compiled=compiled_step, merged_weights=merge_adapted_weights_by_default(checkpointing)
-                     if merged_weights is None else merged_weights)
+                     **training_step_modes(compiled_step, merged_weights, checkpointing))
     params = step.pack(lora.init_params(seed=0))  # the layout `sa3 train` steps in
     optimizer = AdamW(compiled=compile_by_default() if compiled_optimizer is None else compiled_optimizer)
     rng = np.random.default_rng(0)

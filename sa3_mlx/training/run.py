@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..runtime import compile_by_default, compile_training_step_by_default, merge_adapted_weights_by_default
+from ..runtime import compile_by_default, training_step_modes
 from . import checkpoint, objective
 from .adapters import AdapterConfig, LoraParametrization
 from .data import Item, caption_text, encode_folder, silence_latent
@@ -151,10 +151,7 @@ class Trainer:
                 warn(f"--include {pattern!r} matches no module")
         self.step_fn = TrainStep(dit, conditioner, self.lora, mask_loss_weight=c.mask_loss_weight,
                                  checkpointing=c.checkpointing, fused=c.fused,
-                                 compiled=compile_training_step_by_default() if c.compiled_step is None
-                                 else c.compiled_step,
-                                 merged_weights=merge_adapted_weights_by_default(c.checkpointing)
-                                 if c.merged_weights is None else c.merged_weights)
+                                 **training_step_modes(c.compiled_step, c.merged_weights, c.checkpointing))
         encoder, tokenizer = self.model.load_text(mx.float32)
         self.text = PromptEncoder(encoder, tokenizer, self.model.text.max_length)
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
